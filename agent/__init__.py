@@ -1,0 +1,1 @@
+"""The robot host: recorder, Flower SuperNode side, policy store, rollout."""

@@ -1,0 +1,3 @@
+from zk0.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Hardware: robots and teleoperators built from config through lerobot, cameras, safety envelope."""

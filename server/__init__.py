@@ -1,0 +1,1 @@
+"""The federation server: FedProx strategy with LR/mu scheduling, evaluation, run directory, launcher."""
