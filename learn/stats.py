@@ -1,0 +1,355 @@
+"""Federated normalization statistics for SmolVLA's state and action features.
+
+SmolVLA normalizes `observation.state` and `action` with MEAN_STD (visual features are IDENTITY), and the
+statistics live in the pre/post processors, not in the weights. Every host's episodes have different
+statistics, so the federation agrees on the statistics of the union of all hosts' frames: each host computes
+`SufficientStats` from its own parquet frames (never images, never frames leaving the host), the server
+`combine`s them exactly, and `to_lerobot_stats` turns the result into the dict that lerobot's
+`NormalizerProcessorStep` / `UnnormalizerProcessorStep` and `dataset.meta.stats` use.
+
+Per feature we keep count, mean and M2 (sum of squared deviations from the mean) in float64 rather than raw
+sums of squares: combining with Chan et al.'s pairwise update avoids the catastrophic cancellation of
+`E[x^2] - E[x]^2` when |mean| >> std (joint angles near +-90 deg with sub-degree spread).
+
+Quantiles (for users who switch a feature to QUANTILES / QUANTILE10 normalization) come from a fixed-bin
+histogram over a range every host agrees on in advance (`HistogramSpec`), with one underflow and one overflow
+bin so counts stay exact under `combine`. A quantile read from it is exact up to one bin width when it falls
+inside the range, and is clamped to the observed min/max otherwise. The default range covers SO-10x joints in
+degrees and the gripper's 0..100.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from lerobot.processor import PolicyProcessorPipeline
+
+QUANTILES: tuple[float, ...] = (0.01, 0.10, 0.50, 0.90, 0.99)  # lerobot's DEFAULT_QUANTILES
+_RECORD_FIELDS = ("count", "mean", "m2", "min", "max")
+
+
+class StatsMismatch(ValueError):
+    """Statistics that cannot be combined or applied: feature names, shapes or histogram ranges differ."""
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    """Fixed histogram bins agreed by the whole federation before any host computes statistics."""
+
+    low: float = -360.0
+    high: float = 360.0
+    bins: int = 2880  # 0.25 deg per bin over one full turn each way
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.low) and np.isfinite(self.high) and self.low < self.high):
+            raise ValueError(f"histogram range must be finite with low < high, got [{self.low}, {self.high}]")
+        if self.bins < 1:
+            raise ValueError(f"histogram needs at least one bin, got {self.bins}")
+
+    @property
+    def bin_width(self) -> float:
+        return (self.high - self.low) / self.bins
+
+    def counts(self, values: np.ndarray) -> np.ndarray:
+        """Per-dimension counts of `values` (N, D): (D, bins + 2), first/last column under/overflow."""
+        scaled = np.floor((values - self.low) / self.bin_width).astype(np.int64)
+        # Underflow lands in column 0, overflow in column bins + 1; `high` itself belongs to the last real bin.
+        column = np.clip(scaled, -1, self.bins) + 1
+        column[values == self.high] = self.bins
+        dims = values.shape[1]
+        flat = column + np.arange(dims, dtype=np.int64)[None, :] * (self.bins + 2)
+        return np.bincount(flat.ravel(), minlength=dims * (self.bins + 2)).reshape(dims, self.bins + 2)
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Sufficient statistics of one vector feature over `count` frames (all arrays float64 of shape (D,))."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    histogram: HistogramSpec | None = None
+    hist_counts: np.ndarray | None = None  # int64 (D, bins + 2) when `histogram` is set
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.mean.shape)
+
+    @classmethod
+    def of(cls, values: np.ndarray, histogram: HistogramSpec | None = None) -> FeatureStats:
+        """Statistics of the frames `values` (N, D)."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[0] == 0:
+            raise ValueError(f"expected a non-empty (frames, dims) array, got shape {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError("frames contain NaN or infinite values")
+        mean = values.mean(axis=0)
+        return cls(
+            count=int(values.shape[0]),
+            mean=mean,
+            m2=((values - mean) ** 2).sum(axis=0),
+            min=values.min(axis=0),
+            max=values.max(axis=0),
+            histogram=histogram,
+            hist_counts=None if histogram is None else histogram.counts(values),
+        )
+
+
+@dataclass(frozen=True)
+class SufficientStats:
+    """Per-feature sufficient statistics of one host's (or the federation's) frames."""
+
+    features: dict[str, FeatureStats] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Number of frames summarised (the same for every feature of one dataset)."""
+        return max((f.count for f in self.features.values()), default=0)
+
+    def to_record(self) -> dict[str, np.ndarray]:
+        """Flat `{"<feature>/<field>": ndarray}` for a Flower ArrayRecord or `np.savez`."""
+        record: dict[str, np.ndarray] = {}
+        for name, fs in self.features.items():
+            record[f"{name}/count"] = np.array([fs.count], dtype=np.int64)
+            record[f"{name}/mean"] = fs.mean
+            record[f"{name}/m2"] = fs.m2
+            record[f"{name}/min"] = fs.min
+            record[f"{name}/max"] = fs.max
+            if fs.histogram is not None:
+                spec = fs.histogram
+                record[f"{name}/hist_spec"] = np.array([spec.low, spec.high, spec.bins], dtype=np.float64)
+                record[f"{name}/hist_counts"] = fs.hist_counts
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, np.ndarray]) -> SufficientStats:
+        """Inverse of `to_record`; refuses records with missing fields or inconsistent shapes."""
+        grouped: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in record.items():
+            name, sep, field_name = key.rpartition("/")
+            if not sep or not name:
+                raise StatsMismatch(f"stats record key {key!r} is not '<feature>/<field>'")
+            grouped.setdefault(name, {})[field_name] = np.asarray(value)
+        features: dict[str, FeatureStats] = {}
+        for name, fields in grouped.items():
+            missing = [f for f in _RECORD_FIELDS if f not in fields]
+            if missing:
+                raise StatsMismatch(f"stats for feature {name!r} lack {', '.join(missing)}")
+            shape = fields["mean"].shape
+            for f in ("m2", "min", "max"):
+                if fields[f].shape != shape:
+                    raise StatsMismatch(f"feature {name!r}: {f} has shape {fields[f].shape}, mean has {shape}")
+            histogram, hist_counts = None, None
+            if "hist_spec" in fields:
+                low, high, bins = fields["hist_spec"].tolist()
+                histogram = HistogramSpec(float(low), float(high), int(bins))
+                hist_counts = fields["hist_counts"].astype(np.int64)
+                if hist_counts.shape != (*shape, histogram.bins + 2):
+                    raise StatsMismatch(f"feature {name!r}: histogram counts have shape {hist_counts.shape}")
+            features[name] = FeatureStats(
+                count=int(fields["count"].reshape(-1)[0]),
+                mean=fields["mean"].astype(np.float64),
+                m2=fields["m2"].astype(np.float64),
+                min=fields["min"].astype(np.float64),
+                max=fields["max"].astype(np.float64),
+                histogram=histogram,
+                hist_counts=hist_counts,
+            )
+        return cls(features)
+
+
+def from_arrays(frames: Mapping[str, np.ndarray], histogram: HistogramSpec | None = HistogramSpec()) -> SufficientStats:
+    """Statistics of in-memory frames, `{feature: (N, D) array}`."""
+    return SufficientStats({name: FeatureStats.of(values, histogram) for name, values in frames.items()})
+
+
+def _combine_pair(a: FeatureStats, b: FeatureStats) -> FeatureStats:
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    return FeatureStats(
+        count=n,
+        mean=a.mean + delta * (b.count / n),
+        m2=a.m2 + b.m2 + delta**2 * (a.count * b.count / n),
+        min=np.minimum(a.min, b.min),
+        max=np.maximum(a.max, b.max),
+        histogram=a.histogram,
+        hist_counts=None if a.hist_counts is None else a.hist_counts + b.hist_counts,
+    )
+
+
+def _check_compatible(name: str, first: FeatureStats, other: FeatureStats) -> None:
+    if other.shape != first.shape:
+        raise StatsMismatch(f"feature {name!r} has shape {other.shape} on one host and {first.shape} on another")
+    if other.histogram != first.histogram:
+        raise StatsMismatch(
+            f"feature {name!r} uses histogram {other.histogram} on one host and {first.histogram} on another"
+        )
+
+
+def combine(stats: Sequence[SufficientStats]) -> SufficientStats:
+    """Statistics of the union of the frames behind `stats` (exact up to float64 rounding).
+
+    Every part must describe the same features with the same shapes and histogram bins; anything else is
+    refused with `StatsMismatch` naming the feature, because normalizing with statistics of a different
+    feature layout silently corrupts every action.
+    """
+    if not stats:
+        raise ValueError("combine needs at least one set of statistics")
+    names = set(stats[0].features)
+    for part in stats[1:]:
+        if set(part.features) != names:
+            differing = sorted(names.symmetric_difference(part.features))
+            raise StatsMismatch(f"feature {differing[0]!r} is present on some hosts but not others")
+    combined: dict[str, FeatureStats] = {}
+    for name in stats[0].features:
+        total = stats[0].features[name]
+        for part in stats[1:]:
+            _check_compatible(name, total, part.features[name])
+            total = _combine_pair(total, part.features[name])
+        combined[name] = total
+    return SufficientStats(combined)
+
+
+def _histogram_quantile(fs: FeatureStats, q: float) -> np.ndarray:
+    """Per-dimension q-quantile from the histogram, linear within a bin, clamped to the observed range."""
+    spec = fs.histogram
+    assert spec is not None and fs.hist_counts is not None
+    target = q * fs.count
+    cumulative = np.cumsum(fs.hist_counts, axis=1)
+    result = np.empty(fs.shape, dtype=np.float64)
+    for dim, cum in enumerate(cumulative):
+        column = int(np.searchsorted(cum, target, side="left"))
+        before = cum[column - 1] if column > 0 else 0
+        in_bin = cum[column] - before
+        fraction = (target - before) / in_bin if in_bin else 0.0
+        # Column c covers [low + (c-1)*w, low + c*w); under/overflow columns are clamped by min/max below.
+        result[dim] = spec.low + (column - 1 + fraction) * spec.bin_width
+    return np.clip(result, fs.min, fs.max)
+
+
+def to_lerobot_stats(stats: SufficientStats) -> dict[str, dict[str, np.ndarray]]:
+    """`{feature: {mean, std, min, max, count[, q01, q10, q50, q90, q99]}}` as lerobot's normalizers read it.
+
+    `std` is the population standard deviation, as lerobot's `compute_stats` computes it.
+    """
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, fs in stats.features.items():
+        if fs.count < 1:
+            raise StatsMismatch(f"feature {name!r} has no frames")
+        entry = {
+            "mean": fs.mean.copy(),
+            "std": np.sqrt(np.maximum(fs.m2 / fs.count, 0.0)),
+            "min": fs.min.copy(),
+            "max": fs.max.copy(),
+            "count": np.array([fs.count], dtype=np.int64),
+        }
+        if fs.histogram is not None:
+            for q in QUANTILES:
+                entry[f"q{int(round(q * 100)):02d}"] = _histogram_quantile(fs, q)
+        out[name] = entry
+    return out
+
+
+def _default_features(info: Mapping[str, Any]) -> list[str]:
+    """The numeric observation/action vectors of a LeRobot dataset (what SmolVLA normalizes)."""
+    return [
+        name
+        for name, spec in info["features"].items()
+        if spec["dtype"] in ("float32", "float64") and (name == "action" or name.startswith("observation."))
+    ]
+
+
+def _column_to_array(column: Any, dims: int) -> np.ndarray:
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float64).reshape(-1, dims)
+
+
+def from_dataset(
+    root: str | Path,
+    features: Sequence[str] | None = None,
+    episodes: Iterable[int] | None = None,
+    histogram: HistogramSpec | None = HistogramSpec(),
+) -> SufficientStats:
+    """Statistics of a LeRobot v3 dataset's frames, read from its parquet data (videos are never opened).
+
+    `features` defaults to every float `observation.*` vector and `action`; `episodes` to all of them.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    info_path = root / "meta" / "info.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{root} is not a LeRobot dataset: {info_path} is missing")
+    info = json.loads(info_path.read_text())
+    names = list(features) if features is not None else _default_features(info)
+    for name in names:
+        spec = info["features"].get(name)
+        if spec is None:
+            raise StatsMismatch(f"feature {name!r} is not in dataset {root}")
+        if spec["dtype"] in ("image", "video"):
+            raise StatsMismatch(f"feature {name!r} is visual; SmolVLA leaves visual features unnormalized")
+    dims = {name: int(np.prod(info["features"][name]["shape"])) for name in names}
+    wanted = None if episodes is None else sorted(set(episodes))
+
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for path in sorted((root / "data").glob("**/*.parquet")):
+        table = pq.read_table(path, columns=[*names, "episode_index"])
+        if wanted is not None:
+            table = table.filter(pc.is_in(table["episode_index"], value_set=_int_array(wanted)))
+        for name in names:
+            chunks[name].append(_column_to_array(table[name], dims[name]))
+    frames = {name: np.concatenate(parts) if parts else np.empty((0, dims[name])) for name, parts in chunks.items()}
+    empty = [name for name, values in frames.items() if len(values) == 0]
+    if empty:
+        raise ValueError(f"dataset {root} has no frames for the selected episodes")
+    return from_arrays(frames, histogram)
+
+
+def _int_array(values: Sequence[int]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(values, type=pa.int64())
+
+
+def with_stats(
+    preprocessor: PolicyProcessorPipeline,
+    postprocessor: PolicyProcessorPipeline,
+    stats: SufficientStats,
+) -> tuple[PolicyProcessorPipeline, PolicyProcessorPipeline]:
+    """Copies of a policy's pre/post processors normalizing with `stats`.
+
+    Features absent from `stats` (e.g. camera stats kept for IDENTITY-normalized images) keep their current
+    statistics. Every feature a normalizer step normalizes must match the shape declared in its features,
+    or `StatsMismatch` names it. The returned pipelines save these stats with `save_pretrained`, so each
+    checkpoint carries the statistics it was trained with.
+    """
+    from lerobot.configs import FeatureType, NormalizationMode
+    from lerobot.processor.normalize_processor import _NormalizationMixin, hotswap_stats
+
+    new_stats = to_lerobot_stats(stats)
+    pipelines = []
+    for pipeline in (preprocessor, postprocessor):
+        merged: dict[str, dict[str, Any]] = {}
+        for step in pipeline.steps:
+            if not isinstance(step, _NormalizationMixin):
+                continue
+            for name, ft in step.features.items():
+                mode = step.norm_map.get(ft.type, NormalizationMode.IDENTITY)
+                if name in new_stats and ft.type != FeatureType.VISUAL and mode != NormalizationMode.IDENTITY:
+                    got = new_stats[name]["mean"].shape
+                    if tuple(got) != (int(np.prod(ft.shape)),):
+                        raise StatsMismatch(f"feature {name!r}: stats have shape {got}, policy expects {ft.shape}")
+            merged.update(step.stats or {})
+        merged.update(new_stats)
+        pipelines.append(hotswap_stats(pipeline, merged))
+    return pipelines[0], pipelines[1]
