@@ -1,0 +1,129 @@
+"""`zk0 train`: centralized SmolVLA training on local LeRobot datasets, the baseline for federated runs.
+
+Writes to --out: metrics.json (per-step loss, held-out losses per dataset and composite, timings),
+loss.png, and checkpoint/ (policy + processors normalizing with the datasets' combined statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", action="append", required=True, metavar="ROOT",
+                        help="local LeRobot v3 dataset root (repeat for several)")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--model", default="base", help="base | tiny | full-random | PATH (default: base)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="constant LR (default: SmolVLA warmup+cosine)")
+    parser.add_argument("--eval-fraction", type=float, default=0.2, help="episodes held out per dataset")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def _cuda() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def plot_losses(losses: list[float], path: Path, width: int = 640, height: int = 360) -> None:
+    """Training-loss curve as a PNG, drawn with OpenCV (matplotlib is not a zk0 dependency)."""
+    import cv2
+    import numpy as np
+
+    image = np.full((height, width, 3), 255, np.uint8)
+    margin = 40
+    values = np.asarray(losses, dtype=float)
+    lo, hi = float(values.min()), float(values.max())
+    span = hi - lo or 1.0
+    xs = margin + np.linspace(0, width - 2 * margin, len(values))
+    ys = height - margin - (values - lo) / span * (height - 2 * margin)
+    cv2.rectangle(image, (margin, margin), (width - margin, height - margin), (200, 200, 200), 1)
+    cv2.polylines(image, [np.stack([xs, ys], 1).round().astype(np.int32)], False, (180, 80, 20), 2)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(image, f"{hi:.3f}", (2, margin + 4), font, 0.4, (0, 0, 0), 1)
+    cv2.putText(image, f"{lo:.3f}", (2, height - margin), font, 0.4, (0, 0, 0), 1)
+    cv2.putText(image, f"training loss over {len(values)} steps", (margin, 25), font, 0.5, (0, 0, 0), 1)
+    cv2.imwrite(str(path), image)
+
+
+class _Progress:
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+
+    def __call__(self) -> bool:
+        """Called between steps as the trainer's should_stop: draws the bar, never stops training."""
+        self.done += 1
+        width = 30
+        filled = width * min(self.done, self.total) // max(self.total, 1)
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done - 1}/{self.total} {rate:.1f} step/s")
+        sys.stderr.flush()
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    from zk0.learn import stats as fedstats
+    from zk0.learn.checkpoint import CheckpointMeta, save_checkpoint
+    from zk0.learn.data import ConcatData, EpisodeData, FrameCache, policy_image_size, split_episodes
+    from zk0.learn.evaluate import evaluate_datasets
+    from zk0.learn.policy import PolicySpec, make_policy_bundle
+    from zk0.learn.trainer import LocalTrainer, TrainerConfig
+
+    roots = [Path(r) for r in args.dataset]
+    for root in roots:
+        if not (root / "meta" / "info.json").is_file():
+            print(f"zk0 train: {root} is not a LeRobot dataset (no meta/info.json)", file=sys.stderr)
+            return 2
+    if len(set(r.resolve() for r in roots)) != len(roots):
+        print("zk0 train: a dataset is given twice", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    combined = fedstats.combine([fedstats.from_dataset(root) for root in roots])
+    metas = [LeRobotDatasetMetadata(f"local/{r.name}", root=r) for r in roots]
+    bundle = make_policy_bundle(PolicySpec(model=args.model, device=args.device), metas[0],
+                                stats=fedstats.to_lerobot_stats(combined))
+    config = bundle.policy.config
+    cache = FrameCache()
+    train_parts, held_out = [], {}
+    for root, meta in zip(roots, metas, strict=True):
+        data = EpisodeData(root, config.chunk_size, policy_image_size(config), cache)
+        train_eps, eval_eps = split_episodes(meta.total_episodes, args.eval_fraction, args.seed)
+        train_parts.append(data.subset(train_eps))
+        if eval_eps:
+            held_out[root.name] = data.subset(eval_eps)
+
+    metrics: dict = {"model": args.model, "datasets": [str(r) for r in roots], "steps": args.steps,
+                     "batch_size": args.batch_size, "seed": args.seed}
+    if held_out:
+        metrics["eval_before"] = evaluate_datasets(bundle.policy, bundle.preprocessor, held_out)
+    train_data = train_parts[0] if len(train_parts) == 1 else ConcatData(train_parts)
+    trainer = LocalTrainer(bundle.policy, bundle.preprocessor, train_data,
+                           TrainerConfig(batch_size=args.batch_size, seed=args.seed))
+    result = trainer.train(None, args.steps, lr=args.lr, should_stop=_Progress(args.steps))
+    sys.stderr.write("\n")
+    metrics["losses"] = result.losses
+    metrics["train_seconds"] = result.seconds
+    metrics["steps_per_second"] = result.steps_done / result.seconds if result.seconds else None
+    if held_out:
+        metrics["eval_after"] = evaluate_datasets(bundle.policy, bundle.preprocessor, held_out)
+    meta = save_checkpoint(out / "checkpoint", bundle, CheckpointMeta(run=out.name, round=0), stats=combined)
+    metrics["checkpoint_sha256"] = meta.sha256
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if metrics["losses"]:
+        plot_losses(metrics["losses"], out / "loss.png")
+    print(json.dumps({k: metrics[k] for k in ("eval_before", "eval_after", "steps_per_second") if k in metrics}))
+    return 0
