@@ -1,0 +1,201 @@
+"""The agent's YAML configuration, parsed into dataclasses with one-line validation errors.
+
+A config names the host, the arm pair (follower + leader), the cameras and where datasets live.
+Every mistake a user can make in the file (unknown key, wrong type, missing device) is reported as
+one `ConfigError` line that names the offending key, before anything is opened or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_DATASETS_ROOT = Path("/var/lib/zk0/datasets")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, phrased as one line naming the key at fault."""
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm on a Feetech bus: `id` names its calibration file `<calibration_dir>/<id>.json`."""
+
+    port: str
+    id: str
+    calibration_dir: Path
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """One camera. `index_or_path` is an OpenCV index or device path; zmq cameras use `host`/`port`."""
+
+    name: str
+    type: Literal["opencv", "zmq"] = "opencv"
+    width: int = 640
+    height: int = 480
+    fps: int = 30
+    index_or_path: int | str | None = None
+    host: str = "localhost"
+    port: int = 5555
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """Recording defaults; the CLI overrides episode and reset time."""
+
+    fps: int = 30
+    episode_time_s: float = 60.0
+    reset_time_s: float = 10.0
+    # An episode whose achieved frame rate falls below this fraction of `fps` is flagged in its metadata.
+    min_rate_fraction: float = 0.95
+    # Refuse to start an episode, or end the current one, when free disk space falls below this.
+    min_free_disk_mb: int = 1024
+    video_codec: str = "libsvtav1"
+    encoder_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class SafetySettings:
+    """Per-tick limit on how far a joint target may move from the present position (normalized units)."""
+
+    max_relative_target: float | None = 20.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host_id: str
+    robot_type: Literal["so100", "so101"]
+    follower: ArmConfig
+    leader: ArmConfig
+    cameras: list[CameraConfig] = field(default_factory=list)
+    datasets_root: Path = DEFAULT_DATASETS_ROOT
+    record: RecordSettings = field(default_factory=RecordSettings)
+    safety: SafetySettings = field(default_factory=SafetySettings)
+
+
+def load_config(path: str | Path, check_devices: bool = True) -> AgentConfig:
+    """Read and validate an agent config file. `check_devices` also requires ports and camera paths to exist."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    config = parse_config(raw, source=str(path))
+    if check_devices:
+        check_devices_present(config)
+    return config
+
+
+def parse_config(raw: Any, source: str = "config") -> AgentConfig:
+    """Build an `AgentConfig` from already-loaded YAML data."""
+    config = _build(AgentConfig, raw, f"{source}: ")
+    _check_values(config, source)
+    return config
+
+
+def check_devices_present(config: AgentConfig) -> None:
+    """Fail on the first serial port, calibration file or camera device path that does not exist."""
+    for role in ("follower", "leader"):
+        arm: ArmConfig = getattr(config, role)
+        if not Path(arm.port).exists():
+            raise ConfigError(f"{role}.port: device {arm.port} not found (is the arm plugged in?)")
+        calibration = arm.calibration_dir / f"{arm.id}.json"
+        if not calibration.is_file():
+            raise ConfigError(f"{role}.id: no calibration file {calibration} (calibrate with lerobot-calibrate)")
+    for i, camera in enumerate(config.cameras):
+        if camera.type == "opencv" and isinstance(camera.index_or_path, str) and not Path(camera.index_or_path).exists():
+            raise ConfigError(f"cameras[{i}].index_or_path: device {camera.index_or_path} not found")
+
+
+def _check_values(config: AgentConfig, source: str) -> None:
+    names = [camera.name for camera in config.cameras]
+    for i, camera in enumerate(config.cameras):
+        if camera.type == "opencv" and camera.index_or_path is None:
+            raise ConfigError(f"{source}: cameras[{i}].index_or_path: required for an opencv camera")
+        if min(camera.width, camera.height, camera.fps) <= 0:
+            raise ConfigError(f"{source}: cameras[{i}]: width, height and fps must be positive")
+        if names.count(camera.name) > 1:
+            raise ConfigError(f"{source}: cameras[{i}].name: duplicate camera name {camera.name!r}")
+    record = config.record
+    if record.fps <= 0 or record.episode_time_s <= 0 or record.reset_time_s < 0:
+        raise ConfigError(f"{source}: record: fps and episode_time_s must be positive, reset_time_s not negative")
+    if not 0 < record.min_rate_fraction <= 1:
+        raise ConfigError(f"{source}: record.min_rate_fraction: must be in (0, 1], got {record.min_rate_fraction}")
+    limit = config.safety.max_relative_target
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"{source}: safety.max_relative_target: must be positive or null, got {limit}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Recursively build dataclass `cls` from a mapping, checking keys and value types.
+
+    `where` is the error prefix: the source file plus the dotted key path of this mapping.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where.rstrip('. ')}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}{name}: missing required key")
+            continue
+        values[name] = _convert(hints[name], raw[name], f"{where}{name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_describe(hint)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path string, got {type(value).__name__}")
+        return Path(os.path.expanduser(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args)

@@ -1,0 +1,281 @@
+"""The record loop: leader -> safety clamp -> follower at a fixed rate, every frame into the dataset store.
+
+One tick: read the follower (joints + every camera), read the leader, clamp the leader's target
+(`zk0.hw.safety`), send it, and add the frame holding the observation and the action actually sent.
+Frames carry their capture time (`capture_time_s`, seconds since the episode's first frame) next to
+lerobot's nominal `timestamp = frame_index / fps`, which video decoding relies on; ticks that miss
+their deadline are counted, and an episode whose achieved rate falls below the configured fraction
+of the fps is flagged in its zk0 metadata.
+
+Operator controls work without a display: lines on stdin (`s` or an empty line: save now, `d`: discard,
+`r`: re-record, `q`: save and stop) and signals (SIGUSR1: save now, SIGUSR2: re-record,
+SIGINT/SIGTERM: save and stop).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+import numpy as np
+from lerobot.robots import Robot
+from lerobot.teleoperators import Teleoperator
+from lerobot.utils.constants import ACTION, OBS_STR
+from lerobot.utils.feature_utils import build_dataset_frame, hw_to_dataset_features
+from lerobot.utils.robot_utils import precise_sleep
+
+from zk0.agent.dataset_store import DatasetStore, EpisodeMeta, fault_point, free_disk_mb
+from zk0.hw.safety import JointLimits, clamp_target
+
+CAPTURE_TIME = "capture_time_s"
+DISK_CHECK_PERIOD_S = 1.0
+
+
+def dataset_features(robot: Robot) -> dict:
+    """lerobot's features for this robot (state, action, one video per camera) plus the capture time."""
+    return {
+        **hw_to_dataset_features(robot.action_features, ACTION),
+        **hw_to_dataset_features(robot.observation_features, OBS_STR),
+        CAPTURE_TIME: {"dtype": "float32", "shape": (1,), "names": None},
+    }
+
+
+# ---------------------------------------------------------------- operator controls
+
+
+class OperatorEvents:
+    """What the operator asked for during the current phase; set from other threads or signal handlers."""
+
+    COMMANDS = {"s": "save", "": "save", "d": "discard", "r": "rerecord", "q": "stop"}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ending: str | None = None  # "save" | "discard" | "rerecord": ends the phase
+        self.stop = False
+
+    def request(self, command: str) -> None:
+        with self._lock:
+            if command == "stop":
+                self.stop = True
+                self.ending = self.ending or "save"
+            else:
+                self.ending = command
+
+    def take_ending(self) -> str | None:
+        with self._lock:
+            ending, self.ending = self.ending, None
+            return ending
+
+    def watch_stream(self, stream: IO[str]) -> threading.Thread:
+        """Read operator commands, one per line, from `stream` (stdin) in a daemon thread."""
+
+        def read() -> None:
+            for line in stream:
+                command = self.COMMANDS.get(line.strip().lower())
+                if command:
+                    self.request(command)
+
+        thread = threading.Thread(target=read, name="zk0-operator-input", daemon=True)
+        thread.start()
+        return thread
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGUSR1, lambda *_: self.request("save"))
+        signal.signal(signal.SIGUSR2, lambda *_: self.request("rerecord"))
+        signal.signal(signal.SIGINT, lambda *_: self.request("stop"))
+        signal.signal(signal.SIGTERM, lambda *_: self.request("stop"))
+
+
+# ---------------------------------------------------------------- timing (pure)
+
+
+@dataclass(frozen=True)
+class TickTiming:
+    """How well a phase kept its schedule."""
+
+    ticks: int
+    on_time_fraction: float  # ticks that started within one period of their deadline and finished in it
+    overruns: int
+    jitter_p50_ms: float
+    jitter_p99_ms: float
+    achieved_fps: float
+
+
+def tick_timing(starts: np.ndarray, deadlines: np.ndarray, ends: np.ndarray, period_s: float) -> TickTiming:
+    """Timing of ticks from their start times, scheduled deadlines and end times (seconds)."""
+    n = len(starts)
+    if n == 0:
+        return TickTiming(0, 1.0, 0, 0.0, 0.0, 0.0)
+    jitter_ms = np.abs(starts - deadlines) * 1e3
+    overran = (ends - deadlines) > period_s
+    span = starts[-1] - starts[0]
+    return TickTiming(
+        ticks=n,
+        on_time_fraction=float(1.0 - overran.mean()),
+        overruns=int(overran.sum()),
+        jitter_p50_ms=float(np.percentile(jitter_ms, 50)),
+        jitter_p99_ms=float(np.percentile(jitter_ms, 99)),
+        achieved_fps=float((n - 1) / span) if span > 0 else 0.0,
+    )
+
+
+def is_slow(achieved_fps: float, fps: int, min_rate_fraction: float) -> bool:
+    return achieved_fps < min_rate_fraction * fps
+
+
+# ---------------------------------------------------------------- environment hooks
+
+
+class EpisodeEnvironment(Protocol):
+    """What surrounds the arm: the sim world resets it per episode and judges success; a real host does neither."""
+
+    def begin_episode(self, episode_index: int) -> int | None:
+        """Prepare the scene; return the seed used, if any."""
+
+    def end_episode(self) -> bool | None:
+        """The success verdict, if the environment can judge it."""
+
+
+class RealWorld:
+    def begin_episode(self, episode_index: int) -> None:
+        return None
+
+    def end_episode(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------- the recorder
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    task: str
+    episodes: int
+    fps: int
+    episode_time_s: float
+    reset_time_s: float
+    min_rate_fraction: float
+    min_free_disk_mb: float
+    max_relative_target: float | None
+    calibration_hash: str
+
+
+@dataclass
+class SessionSummary:
+    saved: list[EpisodeMeta] = field(default_factory=list)
+    discarded: int = 0
+    rerecorded: int = 0
+    stopped_for_disk: bool = False
+    timings: list[TickTiming] = field(default_factory=list)
+
+
+class Recorder:
+    def __init__(
+        self,
+        robot: Robot,
+        leader: Teleoperator,
+        store: DatasetStore,
+        limits: JointLimits,
+        plan: RecordPlan,
+        events: OperatorEvents,
+        environment: EpisodeEnvironment | None = None,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> None:
+        self.robot = robot
+        self.leader = leader
+        self.store = store
+        self.limits = limits
+        self.plan = plan
+        self.events = events
+        self.environment = environment or RealWorld()
+        self._progress = progress
+        self._joint_keys = [f"{name}.pos" for name in limits.names]
+        self._features = store.writer().features
+
+    def record(self) -> SessionSummary:
+        summary = SessionSummary()
+        while len(summary.saved) < self.plan.episodes and not self.events.stop:
+            if free_disk_mb(self.store.root) < self.plan.min_free_disk_mb:
+                summary.stopped_for_disk = True
+                break
+            index = self.store.num_episodes
+            seed = self.environment.begin_episode(index)
+            started_at = time.time()
+            ending, timing, low_disk = self._run_phase(self.plan.episode_time_s, record=True, episode_index=index)
+            success = self.environment.end_episode()
+            summary.timings.append(timing)
+            summary.stopped_for_disk |= low_disk
+            if ending in ("discard", "rerecord") or timing.ticks == 0:
+                self.store.discard_episode()
+                summary.discarded += ending == "discard"
+                summary.rerecorded += ending == "rerecord"
+            else:
+                meta = EpisodeMeta(
+                    episode_index=index, length=timing.ticks, task=self.plan.task, started_at=started_at,
+                    achieved_fps=round(timing.achieved_fps, 3), overruns=timing.overruns,
+                    jitter_p99_ms=round(timing.jitter_p99_ms, 3),
+                    slow=is_slow(timing.achieved_fps, self.plan.fps, self.plan.min_rate_fraction),
+                    calibration_hash=self.plan.calibration_hash, seed=seed, success=success,
+                )
+                self.store.commit_episode(meta)
+                summary.saved.append(meta)
+            if summary.stopped_for_disk:
+                break
+            more = len(summary.saved) < self.plan.episodes and not self.events.stop
+            if more and self.plan.reset_time_s > 0:
+                self._run_phase(self.plan.reset_time_s, record=False, episode_index=index)
+        return summary
+
+    def _run_phase(self, duration_s: float, record: bool, episode_index: int) -> tuple[str | None, TickTiming, bool]:
+        """Teleoperate for `duration_s` (recording frames if `record`); return how it ended and its timing."""
+        period = 1.0 / self.plan.fps
+        n_max = int(round(duration_s * self.plan.fps))
+        starts, deadlines, ends = np.empty(n_max), np.empty(n_max), np.empty(n_max)
+        dataset = self.store.writer() if record else None
+        ending, low_disk = None, False
+        first = time.perf_counter()
+        deadline = first
+        next_disk_check = first + DISK_CHECK_PERIOD_S
+        n = 0
+        while n < n_max:
+            precise_sleep(deadline - time.perf_counter())
+            start = time.perf_counter()
+            self._tick(dataset, start - first)
+            end = time.perf_counter()
+            starts[n], deadlines[n], ends[n] = start, deadline, end
+            n += 1
+            if record and n == 10:
+                fault_point("mid_episode")
+            ending = self.events.take_ending()
+            if ending:
+                break
+            if end >= next_disk_check:
+                next_disk_check = end + DISK_CHECK_PERIOD_S
+                if record and free_disk_mb(self.store.root) < self.plan.min_free_disk_mb:
+                    low_disk = True
+                    break
+                if self._progress:
+                    self._progress(episode_index, n)
+            # A late tick moves the schedule rather than bursting to catch up: a burst would capture
+            # frames closer together than the fps the dataset claims.
+            deadline = max(deadline + period, end)
+        return ending, tick_timing(starts[:n], deadlines[:n], ends[:n], period), low_disk
+
+    def _tick(self, dataset, capture_time_s: float) -> None:
+        observation = self.robot.get_observation()
+        target = self.leader.get_action()
+        present = np.fromiter((observation[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
+        wanted = np.fromiter((target[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
+        safe = clamp_target(wanted, present, self.limits, self.plan.max_relative_target)
+        sent = self.robot.send_action(dict(zip(self._joint_keys, safe.tolist(), strict=True)))
+        if dataset is None:
+            return
+        frame = build_dataset_frame(self._features, observation, prefix=OBS_STR)
+        frame[ACTION] = np.fromiter((sent[k] for k in self._joint_keys), dtype=np.float32, count=len(self._joint_keys))
+        frame[CAPTURE_TIME] = np.array([capture_time_s], dtype=np.float32)
+        frame["task"] = self.plan.task
+        dataset.add_frame(frame)

@@ -1,0 +1,219 @@
+"""`zk0 record`: tele-operated episodes into a local LeRobot dataset (real arms, or the simulated rig with --sim).
+
+Operator controls while recording: type a line on stdin (`s` or Enter: save the episode now, `d`: discard it,
+`r`: re-record it, `q`: save and stop) or send signals (SIGUSR1: save now, SIGUSR2: re-record,
+SIGINT/SIGTERM: save and stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("configs/agent.yaml")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="agent config (default %(default)s)")
+    parser.add_argument("--dataset", required=True, help="dataset name under the datasets root")
+    parser.add_argument("--task", required=True, help="task instruction stored with every frame")
+    parser.add_argument("--episodes", type=int, required=True, help="episodes to save in this session")
+    parser.add_argument("--episode-time-s", type=float, help="episode length (default from config)")
+    parser.add_argument("--reset-time-s", type=float, help="time between episodes (default from config)")
+    parser.add_argument("--root", type=Path, help="datasets root (overrides the config's datasets_root)")
+    parser.add_argument("--sim", action="store_true", help="record on the simulated rig with the scripted operator")
+    parser.add_argument("--seed", type=int, default=0, help="with --sim: seed of the first episode's scene")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from zk0.agent.config import ConfigError, load_config
+    from zk0.agent.dataset_store import DatasetError
+    from zk0.hw.robots import CalibrationError
+
+    if args.episodes <= 0:
+        print("zk0 record: --episodes must be positive", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config, check_devices=not args.sim)
+        settings = dataclasses.replace(
+            config.record,
+            **({"episode_time_s": args.episode_time_s} if args.episode_time_s is not None else {}),
+            **({"reset_time_s": args.reset_time_s} if args.reset_time_s is not None else {}),
+        )
+        if settings.episode_time_s <= 0 or settings.reset_time_s < 0:
+            raise ConfigError("--episode-time-s must be positive and --reset-time-s not negative")
+        config = dataclasses.replace(config, record=settings, datasets_root=args.root or config.datasets_root)
+        return _record(config, args)
+    except (ConfigError, DatasetError, CalibrationError) as exc:
+        print(f"zk0 record: {exc}", file=sys.stderr)
+        return 2
+    except (ConnectionError, TimeoutError) as exc:
+        # The episode in progress is dropped; committed episodes are safe on disk.
+        print(f"zk0 record: hardware error, stopped: {exc}", file=sys.stderr)
+        return 1
+
+
+def _record(config, args: argparse.Namespace) -> int:
+    from zk0.agent.dataset_store import DatasetError, DatasetIdentity, DatasetStore, EncodingSettings, free_disk_mb
+    from zk0.agent.record import OperatorEvents, Recorder, RecordPlan, dataset_features
+    from zk0.hw.robots import calibration_hash, connect_without_prompt, follower_limits, make_follower, make_leader
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    root = config.datasets_root
+    root.mkdir(parents=True, exist_ok=True)
+    if free_disk_mb(root) < config.record.min_free_disk_mb:
+        raise DatasetError(f"{root}: less than {config.record.min_free_disk_mb} MB free; free some space first")
+    with ExitStack() as stack:
+        environment = None
+        if args.sim:
+            config, environment = _start_sim(config, args, stack)
+        robot, leader = make_follower(config), make_leader(config)
+        store, repair = DatasetStore.open(
+            root, args.dataset, dataset_features(robot), config.record.fps,
+            DatasetIdentity(config.host_id, config.robot_type, calibration_hash(config)),
+            EncodingSettings(config.record.video_codec, config.record.encoder_threads),
+        )
+        stack.callback(store.close)
+        if repair and repair.removed:
+            print(f"zk0 record: repaired {root / args.dataset}: removed {len(repair.removed)} leftovers of an interrupted session", file=sys.stderr)
+        connect_without_prompt(leader)
+        stack.callback(leader.disconnect)
+        connect_without_prompt(robot)
+        stack.callback(robot.disconnect)
+        events = OperatorEvents()
+        events.install_signal_handlers()
+        events.watch_stream(sys.stdin)
+        plan = RecordPlan(
+            task=args.task, episodes=args.episodes, fps=config.record.fps,
+            episode_time_s=config.record.episode_time_s, reset_time_s=config.record.reset_time_s,
+            min_rate_fraction=config.record.min_rate_fraction, min_free_disk_mb=config.record.min_free_disk_mb,
+            max_relative_target=config.safety.max_relative_target, calibration_hash=calibration_hash(config),
+        )
+        progress = None if args.no_progress else _ProgressBars(plan)
+        stack.callback(lambda: progress and progress.close())
+        recorder = Recorder(robot, leader, store, follower_limits(robot), plan, events, environment, progress)
+        summary = recorder.record()
+        if progress:
+            progress.close()
+        _print_summary(summary, store, plan)
+        return 3 if summary.stopped_for_disk else 0
+
+
+def _start_sim(config, args, stack: ExitStack):
+    """Start the simulated rig and point the config at its ports, cameras and calibration files."""
+    import tempfile
+
+    from zk0.agent.config import ArmConfig, CameraConfig, ConfigError
+    from zk0.hw.sim.rig import RigHandle
+
+    task_name = sim_task_name(args.task)
+    if task_name is None:
+        raise ConfigError(f"--task {args.task!r} matches no simulated task ({', '.join(_sim_instructions())})")
+    width, height = (config.cameras[0].width, config.cameras[0].height) if config.cameras else (640, 480)
+    calibration_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zk0-sim-calibration-")))
+    rig = RigHandle.start(
+        robot=config.robot_type, cameras=tuple(c.name for c in config.cameras) or ("front", "wrist"),
+        fps=config.record.fps, width=width, height=height, calibration_dir=calibration_dir, seed=args.seed,
+    )
+    stack.callback(rig.close)
+    cameras = [
+        CameraConfig(name=name, type="zmq", width=cam.width, height=cam.height, fps=cam.fps,
+                     host=cam.server_address, port=cam.port)
+        for name, cam in rig.camera_configs().items()
+    ]
+    config = dataclasses.replace(
+        config,
+        follower=ArmConfig(rig.follower_port, rig.info["follower_id"], rig.calibration_dir),
+        leader=ArmConfig(rig.leader_port, rig.info["leader_id"], rig.calibration_dir),
+        cameras=cameras,
+    )
+    return config, SimEnvironment(rig, task_name, args.seed)
+
+
+def _sim_instructions() -> dict[str, str]:
+    from zk0.hw.sim.tasks import TASKS
+
+    return {task.instruction: name for name, task in TASKS.items()}
+
+
+def sim_task_name(task: str) -> str | None:
+    """The simulated task whose instruction shares the most words with the free-text `task`.
+
+    None when fewer than three quarters of the task's words appear in any instruction, or when two
+    instructions tie (say "push the red cube": left or right?).
+    """
+    instructions = _sim_instructions()
+    if task in instructions.values():
+        return task
+    words = set(task.lower().split())
+    if not words:
+        return None
+    scores = sorted(((len(words & set(i.lower().split())) / len(words), name) for i, name in instructions.items()), reverse=True)
+    best, runner_up = scores[0], scores[1] if len(scores) > 1 else (0.0, "")
+    return best[1] if best[0] >= 0.75 and best[0] > runner_up[0] else None
+
+
+class SimEnvironment:
+    """Per episode: reset the simulated world with seed `first_seed + episode`, let the scripted operator
+    perform the task on the leader, and ask the world for its success verdict at the end."""
+
+    def __init__(self, rig, task_name: str, first_seed: int) -> None:
+        self.rig = rig
+        self._task = task_name
+        self._first_seed = first_seed
+
+    def begin_episode(self, episode_index: int) -> int:
+        seed = self._first_seed + episode_index
+        self.rig.reset(self._task, seed)
+        self.rig.start_operator()
+        return seed
+
+    def end_episode(self) -> bool:
+        success = self.rig.success()
+        self.rig.stop_operator()
+        return success
+
+
+class _ProgressBars:
+    """One tqdm bar per episode, updated about once a second by the record loop."""
+
+    def __init__(self, plan) -> None:
+        self._plan = plan
+        self._bar = None
+        self._episode = None
+
+    def __call__(self, episode_index: int, frames: int) -> None:
+        from tqdm import tqdm
+
+        if episode_index != self._episode:
+            self.close()
+            total = int(round(self._plan.episode_time_s * self._plan.fps))
+            self._bar = tqdm(total=total, desc=f"episode {episode_index}", unit="frame", leave=True)
+            self._episode = episode_index
+        self._bar.update(frames - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._episode = None
+
+
+def _print_summary(summary, store, plan) -> None:
+    print(f"dataset {store.root}: {store.num_episodes} episodes in total")
+    for meta in summary.saved:
+        verdict = "" if meta.success is None else f" success={meta.success}"
+        seed = "" if meta.seed is None else f" seed={meta.seed}"
+        flag = " SLOW" if meta.slow else ""
+        print(f"  episode {meta.episode_index}: {meta.length} frames at {meta.achieved_fps:.2f} fps, "
+              f"{meta.overruns} overruns, jitter p99 {meta.jitter_p99_ms:.2f} ms{seed}{verdict}{flag}")
+    ticks = sum(t.ticks for t in summary.timings)
+    overruns = sum(t.overruns for t in summary.timings)
+    print(f"session: saved {len(summary.saved)}/{plan.episodes}, discarded {summary.discarded}, "
+          f"re-recorded {summary.rerecorded}, {overruns} overruns in {ticks} recorded ticks"
+          + (", stopped: disk almost full" if summary.stopped_for_disk else ""))

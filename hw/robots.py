@@ -1,0 +1,83 @@
+"""lerobot follower, leader and cameras built from a zk0 `AgentConfig` (real ports or the sim rig's).
+
+Arms connect with the calibration files the config names and never prompt: when the motors' EPROM
+disagrees with the file, the file is written to the motors, which is what pressing ENTER at lerobot's
+calibration prompt does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from lerobot.cameras import CameraConfig as LeRobotCameraConfig
+from lerobot.cameras.opencv import OpenCVCameraConfig
+from lerobot.cameras.zmq import ZMQCameraConfig
+from lerobot.robots import Robot
+from lerobot.robots.so_follower import SOFollower, SOFollowerRobotConfig
+from lerobot.teleoperators import Teleoperator
+from lerobot.teleoperators.so_leader import SOLeader, SOLeaderTeleopConfig
+
+from zk0.agent.config import AgentConfig, ArmConfig, CameraConfig
+from zk0.hw.safety import JointLimits, limits_from_calibration
+
+
+class CalibrationError(RuntimeError):
+    """An arm has no usable calibration file; calibrate it with lerobot-calibrate first."""
+
+
+def camera_config(camera: CameraConfig) -> LeRobotCameraConfig:
+    if camera.type == "zmq":
+        return ZMQCameraConfig(
+            server_address=camera.host, port=camera.port, camera_name=camera.name,
+            width=camera.width, height=camera.height, fps=camera.fps,
+        )
+    return OpenCVCameraConfig(index_or_path=camera.index_or_path, width=camera.width, height=camera.height, fps=camera.fps)
+
+
+# SO-100 and SO-101 share lerobot's SOFollower/SOLeader classes; `robot_type` only names the hardware.
+
+
+def make_follower(config: AgentConfig) -> Robot:
+    """The follower arm with every configured camera. zk0 clamps targets itself (see zk0.hw.safety)."""
+    robot_config = SOFollowerRobotConfig(
+        port=config.follower.port,
+        id=config.follower.id,
+        calibration_dir=config.follower.calibration_dir,
+        cameras={camera.name: camera_config(camera) for camera in config.cameras},
+        use_degrees=True,
+    )
+    return SOFollower(robot_config)
+
+
+def make_leader(config: AgentConfig) -> Teleoperator:
+    teleop_config = SOLeaderTeleopConfig(
+        port=config.leader.port, id=config.leader.id, calibration_dir=config.leader.calibration_dir, use_degrees=True
+    )
+    return SOLeader(teleop_config)
+
+
+def connect_without_prompt(device: Robot | Teleoperator) -> None:
+    """Connect an arm using its calibration file; raise `CalibrationError` if there is none."""
+    if not device.calibration:
+        raise CalibrationError(f"{device}: no calibration file {device.calibration_fpath}; run lerobot-calibrate first")
+    device.connect(calibrate=False)
+    if not device.is_calibrated:
+        device.bus.write_calibration(device.calibration)
+
+
+def follower_limits(robot: Robot) -> JointLimits:
+    """Calibrated joint limits of the follower, in its action order."""
+    return limits_from_calibration(robot.calibration, {name: motor.norm_mode for name, motor in robot.bus.motors.items()})
+
+
+def calibration_hash(config: AgentConfig) -> str:
+    """SHA-256 over both arms' calibration files: datasets record which calibration produced them."""
+    digest = hashlib.sha256()
+    for arm in (config.follower, config.leader):
+        digest.update(calibration_file(arm).read_bytes())
+    return digest.hexdigest()
+
+
+def calibration_file(arm: ArmConfig) -> Path:
+    return arm.calibration_dir / f"{arm.id}.json"

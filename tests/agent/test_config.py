@@ -1,0 +1,107 @@
+"""Agent config: valid files parse; every mistake is one line naming the key, and nothing is written."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zk0.agent.config import AgentConfig, ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+VALID = {
+    "host_id": "h1",
+    "robot_type": "so101",
+    "follower": {"port": "/dev/null", "id": "f", "calibration_dir": "/tmp"},
+    "leader": {"port": "/dev/null", "id": "l", "calibration_dir": "/tmp"},
+    "cameras": [{"name": "front", "type": "opencv", "index_or_path": 0}],
+    "record": {"fps": 30, "episode_time_s": 5},
+}
+
+
+def _with(path: tuple, value) -> dict:
+    import copy
+
+    raw = copy.deepcopy(VALID)
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return raw
+
+
+def test_shipped_configs_parse() -> None:
+    for name in ("agent.yaml", "agent.so100.example.yaml", "agent.so101.example.yaml"):
+        config = load_config(REPO / "configs" / name, check_devices=False)
+        assert isinstance(config, AgentConfig)
+        assert config.record.fps == 30 and len(config.cameras) == 2
+
+
+def test_valid_config_types() -> None:
+    config = parse_config(VALID)
+    assert config.record.episode_time_s == 5.0 and isinstance(config.record.episode_time_s, float)
+    assert config.follower.calibration_dir == Path("/tmp")
+    assert config.cameras[0].index_or_path == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("colour",), "red", "colour: unknown key"),
+        (("record", "fsp"), 30, "record.fsp: unknown key"),
+        (("record", "fps"), "thirty", "record.fps: expected int, got str"),
+        (("robot_type",), "so102", "robot_type: must be one of so100, so101"),
+        (("follower", "port"), KeyError, "follower.port: missing required key"),
+        (("cameras",), [{"name": "a", "index_or_path": 0, "width": "wide"}], "cameras[0].width: expected int"),
+        (("cameras",), [{"name": "a"}], "cameras[0].index_or_path: required"),
+        (("safety",), {"max_relative_target": -1}, "safety.max_relative_target: must be positive"),
+        (("leader",), "COM3", "leader: expected a mapping"),
+    ],
+)
+def test_mistakes_name_the_key(path: tuple, value, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_with(path, value), source="agent.yaml")
+    text = str(info.value)
+    assert message in text and text.startswith("agent.yaml: ") and "\n" not in text
+
+
+def test_missing_device_is_named(tmp_path: Path) -> None:
+    import yaml
+
+    raw = _with(("follower", "port"), str(tmp_path / "ttyACM9"))
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"follower.port: device .*ttyACM9 not found"):
+        load_config(path)
+
+
+def test_cli_reports_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    import yaml
+
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(_with(("record", "fps"), 30.5)))
+    datasets = tmp_path / "datasets"
+    result = subprocess.run(
+        [sys.executable, "-m", "zk0.cli", "record", "--config", str(config), "--dataset", "d", "--task", "t",
+         "--episodes", "1", "--root", str(datasets)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"zk0 record: {config}: record.fps: expected int, got float 30.5"]
+    assert not datasets.exists()
+
+
+def test_record_cli_parses_arguments() -> None:
+    from zk0.agent import record_cli
+
+    parser = argparse.ArgumentParser()
+    record_cli.add_arguments(parser)
+    args = parser.parse_args(["--dataset", "d", "--task", "pick", "--episodes", "3", "--sim", "--episode-time-s", "4"])
+    assert (args.dataset, args.episodes, args.sim, args.episode_time_s, args.reset_time_s) == ("d", 3, True, 4.0, None)
