@@ -1,0 +1,181 @@
+"""World seeding, grasp/release/push model, task predicates, snapshots."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zk0.hw.sim import kinematics as k
+from zk0.hw.sim.operator import approach_pitch_for
+from zk0.hw.sim.tasks import CUBE_SIZE, MIN_CUBE_SEPARATION, TASKS, get_task
+from zk0.hw.sim.world import World
+
+
+def joints_with_grasp_center_at(world: World, point: np.ndarray, gripper: float) -> np.ndarray:
+    point = np.asarray(point, dtype=float)
+    pitch = approach_pitch_for(point)  # top-down where the arm can, tilted further out
+    initial = np.append(world.joints[:5], gripper)
+    result = k.solve_ik(k.tip_for_grasp_center(point, pitch, world.geometry), pitch, initial, world.geometry)
+    assert result.converged
+    np.testing.assert_allclose(k.forward(result.joints, world.geometry).grasp_center(world.geometry), point, atol=1e-3)
+    return result.joints
+
+
+def move(world: World, point: np.ndarray, gripper: float, steps: int = 5) -> None:
+    for _ in range(steps):
+        world.step(joints_with_grasp_center_at(world, point, gripper), 1 / 30)
+
+
+def close_gripper(world: World, point: np.ndarray, start: float = 80.0) -> None:
+    for gripper in np.linspace(start, 0.0, 15):
+        world.step(joints_with_grasp_center_at(world, point, gripper), 1 / 30)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_same_seed_same_scene_and_scenes_are_valid(task):
+    layouts = []
+    for seed in range(60):
+        world = World(task, seed)
+        again = World(task, seed)
+        assert json.dumps(world.snapshot()) == json.dumps(again.snapshot())
+        centres = np.array([c.position[:2] for c in world.cubes.values()])
+        gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1) + np.eye(len(centres))
+        assert gaps.min() >= MIN_CUBE_SEPARATION
+        assert all(not world.scene.bin.contains_xy(c.position, margin=-0.02) for c in world.cubes.values())
+        assert not world.success()
+        layouts.append(centres.round(4).tobytes())
+    assert len(set(layouts)) == 60  # seeds actually vary the scene
+
+
+def test_reset_replaces_the_scene_and_keeps_the_arm():
+    world = World("pick_place_red", 1)
+    move(world, world.cubes["red"].position + [0, 0, 0.1], 50.0)
+    arm = world.joints.copy()
+    world.reset("push_green_right", 2)
+    assert world.task.name == "push_green_right" and world.seed == 2 and world.time == 0.0
+    np.testing.assert_array_equal(world.joints, arm)
+
+
+def test_closing_around_a_cube_grasps_it_and_lifting_carries_it():
+    world = World("pick_place_red", 3)
+    cube = world.cubes["red"]
+    start = cube.position.copy()
+    move(world, start + [0, 0, 0.08], 80.0)
+    move(world, start, 80.0)
+    assert world.held is None
+    close_gripper(world, start)
+    assert world.held == "red" and cube.held
+    move(world, start + [0.02, 0.01, 0.1], 0.0, steps=10)
+    np.testing.assert_allclose(cube.position, start + [0.02, 0.01, 0.1], atol=2e-3)
+    assert json.loads(json.dumps(world.snapshot()))["held"] == "red"
+
+
+def test_opening_drops_the_cube_onto_the_table_or_into_the_bin():
+    world = World("pick_place_red", 4)
+    cube = world.cubes["red"]
+    start = cube.position.copy()
+    move(world, start, 80.0)
+    close_gripper(world, start)
+    above_table = start + [0.0, 0.04, 0.08]
+    move(world, above_table, 0.0)
+    move(world, above_table, 60.0, steps=20)  # falling 8 cm takes about 0.13 s
+    assert world.held is None and world.scene.on_table("red")
+    np.testing.assert_allclose(cube.position[:2], above_table[:2], atol=2e-3)
+    assert not world.success()
+
+    close_gripper(world, cube.position.copy() + [0, 0, 0.0])
+    assert world.held == "red"
+    over_bin = np.array([*world.scene.bin.center, 0.09])
+    move(world, over_bin, 0.0, steps=10)
+    assert not world.success()  # held above the bin does not count
+    move(world, over_bin, 60.0, steps=20)
+    assert world.scene.in_bin("red") and world.success()
+    assert cube.position[2] == pytest.approx(world.scene.bin.floor_height + CUBE_SIZE / 2)
+
+
+def test_no_grasp_when_the_cube_is_not_between_the_jaws_or_the_jaws_were_already_shut():
+    world = World("pick_place_blue", 5)
+    start = world.cubes["blue"].position.copy()
+    beside = start + [0.0, 0.0, 0.04]  # jaws close in the air above the cube
+    move(world, beside, 80.0)
+    close_gripper(world, beside)
+    assert world.held is None
+    move(world, start, 0.0)  # coming down already closed: pushes, never grasps
+    assert world.held is None
+
+
+def test_closed_gripper_pushes_a_cube_along_the_stroke_and_open_one_does_not():
+    world = World("push_blue_left", 6)
+    cube = world.cubes["blue"]
+    start = cube.position.copy()
+    height = 0.012 + world.geometry.grasp_depth  # tip 12 mm above the table
+    behind = start + [0.0, -0.04, height - start[2]]
+    move(world, behind + [0, 0, 0.05], 0.0)
+    move(world, behind, 0.0)
+    for y in np.linspace(behind[1], behind[1] + 0.09, 45):
+        world.step(joints_with_grasp_center_at(world, np.array([behind[0], y, behind[2]]), 0.0), 1 / 30)
+    assert cube.position[1] - start[1] == pytest.approx(0.09 - 0.04 + 0.015 + 0.012, abs=2e-3)
+    assert cube.position[0] == pytest.approx(start[0], abs=1e-3) and world.scene.on_table("blue")
+    assert world.success()
+
+    other = World("push_blue_left", 6)
+    other.step(joints_with_grasp_center_at(other, behind + [0, 0, 0.05], 100.0), 1 / 30)
+    for y in np.linspace(behind[1], behind[1] + 0.09, 45):
+        other.step(joints_with_grasp_center_at(other, np.array([behind[0], y, behind[2]]), 100.0), 1 / 30)
+    np.testing.assert_allclose(other.cubes["blue"].position, start)
+    assert not other.success()
+
+
+def test_predicates_on_constructed_scenes():
+    pick = World("pick_place_green", 7)
+    green = pick.cubes["green"]
+    green.position = np.array([*pick.scene.bin.center, pick.scene.bin.floor_height + CUBE_SIZE / 2])
+    assert pick.success()
+    green.held = True
+    assert not pick.success()
+    green.held = False
+    green.position[0] += pick.scene.bin.inner_size  # beside the bin
+    assert not pick.success()
+
+    push = World("push_green_right", 7)
+    green = push.cubes["green"]
+    green.position = green.position + [0.0, -0.049, 0.0]
+    assert not push.success()
+    green.position = green.position + [0.0, -0.002, 0.0]
+    assert push.success()
+    green.position = green.position + [0.0, 0.0, 0.05]  # lifted: not a push
+    assert not push.success()
+
+
+def test_tasks_lookup_and_bad_input():
+    assert get_task("push the blue cube left").name == "push_blue_left"
+    with pytest.raises(ValueError, match="unknown task"):
+        World("juggle", 0)
+    with pytest.raises(ValueError, match="6 values"):
+        World("pick_place_red", 0).step(np.zeros(5), 0.03)
+
+
+def test_snapshot_is_json_with_the_episode_state():
+    world = World("pick_place_red", 8)
+    world.step(np.array([5.0, 10.0, -5.0, 20.0, 0.0, 40.0]), 0.05)
+    snap = json.loads(json.dumps(world.snapshot()))
+    assert snap["task"] == "pick_place_red" and snap["seed"] == 8 and snap["success"] is False
+    assert snap["instruction"] == "pick the red cube and place it in the bin"
+    assert snap["joints"] == [5.0, 10.0, -5.0, 20.0, 0.0, 40.0] and snap["time"] == 0.05
+    assert {c["color"] for c in snap["cubes"]} == {"red", "green", "blue"}
+    assert len(snap["bin"]["center"]) == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.lists(st.lists(st.floats(-1, 1), min_size=6, max_size=6), min_size=1, max_size=40))
+def test_any_arm_motion_keeps_cubes_on_or_above_their_support(seed, unit_steps):
+    world = World("push_red_left", seed)
+    for unit in unit_steps:
+        q = k.JOINT_LOWER + (np.array(unit) + 1) / 2 * (k.JOINT_UPPER - k.JOINT_LOWER)
+        world.step(q, 1 / 30)
+        for cube in world.cubes.values():
+            assert np.all(np.isfinite(cube.position))
+            assert cube.held or cube.position[2] >= world.scene.resting_height(cube.position, cube.size) - 1e-9
+    assert (world.held is None) == all(not c.held for c in world.cubes.values())
