@@ -1,0 +1,447 @@
+"""Simulated Feetech STS3215 servos on one bus: protocol-0 packets, control table, motion model, faults.
+
+The control table (addresses and sizes) and the sign-magnitude encodings are lerobot's own
+(`lerobot/motors/feetech/tables.py`, `lerobot/motors/encoding_utils.py`). Both files are import-free, so
+they are loaded straight from their paths: importing the `lerobot` package would pull in torch, and a
+simulated arm must start in well under a second.
+
+Everything here is pure and clock-free: callers pass the time (`advance(now)`), which keeps the
+model deterministic under test and lets the pty server integrate motion lazily, exactly when a packet
+arrives, instead of ticking a timer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+
+def _load_lerobot_file(relative: str) -> ModuleType:
+    spec = importlib.util.find_spec("lerobot")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("lerobot is not installed; the simulated bus reads its Feetech control table")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    module_spec = importlib.util.spec_from_file_location(f"_zk0_lerobot_{path.stem}", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+_TABLES = _load_lerobot_file("motors/feetech/tables.py")
+_ENCODING = _load_lerobot_file("motors/encoding_utils.py")
+encode_sign_magnitude = _ENCODING.encode_sign_magnitude
+decode_sign_magnitude = _ENCODING.decode_sign_magnitude
+
+MODEL = "sts3215"
+CONTROL_TABLE: dict[str, tuple[int, int]] = _TABLES.MODEL_CONTROL_TABLE[MODEL]
+SIGN_BITS: dict[str, int] = _TABLES.MODEL_ENCODING_TABLE[MODEL]
+MODEL_NUMBER: int = _TABLES.MODEL_NUMBER_TABLE[MODEL]
+RESOLUTION: int = _TABLES.MODEL_RESOLUTION[MODEL]
+BAUDRATE_CODES: dict[int, int] = _TABLES.MODEL_BAUDRATE_TABLE[MODEL]
+# Everything below Torque_Enable is EPROM; Present_* and friends are written by the servo only.
+EPROM_END = CONTROL_TABLE["Torque_Enable"][0]
+READ_ONLY = frozenset(
+    {"Firmware_Major_Version", "Firmware_Minor_Version", "Model_Number", "Present_Position",
+     "Present_Velocity", "Present_Load", "Present_Voltage", "Present_Temperature", "Status", "Moving",
+     "Present_Current", "Goal_Position_2"}
+)
+_READ_ONLY_ADDRESSES = frozenset(
+    CONTROL_TABLE[name][0] + i for name in READ_ONLY for i in range(CONTROL_TABLE[name][1])
+)
+MEMORY_SIZE = 256
+
+# Protocol 0 (scservo_sdk/scservo_def.py).
+BROADCAST_ID = 0xFE
+INST_PING, INST_READ, INST_WRITE, INST_REG_WRITE, INST_ACTION = 1, 2, 3, 4, 5
+INST_SYNC_READ, INST_SYNC_WRITE = 0x82, 0x83
+ERRBIT_VOLTAGE, ERRBIT_ANGLE, ERRBIT_OVERHEAT, ERRBIT_OVERELE, ERRBIT_OVERLOAD = 1, 2, 4, 8, 32
+
+FACTORY_DEFAULTS: dict[str, int] = {
+    "Firmware_Major_Version": 3,
+    "Firmware_Minor_Version": 10,
+    "Model_Number": MODEL_NUMBER,
+    "Baud_Rate": BAUDRATE_CODES[1_000_000],
+    "Return_Delay_Time": 250,
+    "Response_Status_Level": 1,
+    "Min_Position_Limit": 0,
+    "Max_Position_Limit": RESOLUTION - 1,
+    "Max_Temperature_Limit": 70,
+    "Max_Voltage_Limit": 140,
+    "Min_Voltage_Limit": 40,
+    "Max_Torque_Limit": 1000,
+    "Phase": 0x0C,
+    "Unloading_Condition": 44,
+    "LED_Alarm_Condition": 47,
+    "P_Coefficient": 32,
+    "D_Coefficient": 32,
+    "I_Coefficient": 0,
+    "Minimum_Startup_Force": 16,
+    "CW_Dead_Zone": 1,
+    "CCW_Dead_Zone": 1,
+    "Protection_Current": 500,
+    "Angular_Resolution": 1,
+    "Homing_Offset": 0,
+    "Operating_Mode": 0,
+    "Protective_Torque": 20,
+    "Protection_Time": 200,
+    "Overload_Torque": 80,
+    "Torque_Limit": 1000,
+    "Lock": 1,
+    "Present_Voltage": 120,
+    "Present_Temperature": 30,
+    "Maximum_Velocity_Limit": 80,
+    "Maximum_Acceleration": 150,
+}
+
+# STS3215 at 12 V: ~0.22 s per 60 degrees unloaded, i.e. about 3000 ticks/s.
+MAX_SPEED_TICKS_S = 3000.0
+ACCELERATION_UNIT_TICKS_S2 = 100.0  # the Acceleration register counts 100 steps/s^2
+TORQUE_OFF_DRIFT_TICKS = 0.6  # random-walk scale (ticks per sqrt(s)) of an unpowered, back-driven joint
+
+
+def checksum(body: bytes | bytearray) -> int:
+    """Protocol-0 checksum over ID, LENGTH, INSTRUCTION/ERROR and parameters."""
+    return ~sum(body) & 0xFF
+
+
+def status_packet(servo_id: int, error: int, params: bytes = b"") -> bytes:
+    body = bytes([servo_id, len(params) + 2, error]) + params
+    return b"\xff\xff" + body + bytes([checksum(body)])
+
+
+def instruction_packet(servo_id: int, instruction: int, params: bytes = b"") -> bytes:
+    body = bytes([servo_id, len(params) + 2, instruction]) + params
+    return b"\xff\xff" + body + bytes([checksum(body)])
+
+
+@dataclass(frozen=True)
+class Instruction:
+    servo_id: int
+    code: int
+    params: bytes
+
+
+class PacketParser:
+    """Splits a byte stream into instruction packets; drops noise and packets with a bad checksum."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.rejected = 0
+
+    def feed(self, data: bytes) -> list[Instruction]:
+        self._buffer += data
+        packets: list[Instruction] = []
+        while True:
+            start = self._buffer.find(b"\xff\xff")
+            if start < 0:
+                # Keep a trailing 0xFF: it may be the first half of the next header.
+                del self._buffer[: max(0, len(self._buffer) - 1)]
+                return packets
+            del self._buffer[:start]
+            # Real servos tolerate runs of 0xFF before the ID.
+            while len(self._buffer) > 2 and self._buffer[2] == 0xFF:
+                del self._buffer[0]
+            if len(self._buffer) < 4:
+                return packets
+            length = self._buffer[3]
+            total = length + 4
+            if length < 2:
+                del self._buffer[:2]
+                self.rejected += 1
+                continue
+            if len(self._buffer) < total:
+                return packets
+            packet = bytes(self._buffer[:total])
+            del self._buffer[:total]
+            if packet[-1] != checksum(packet[2:-1]):
+                self.rejected += 1
+                continue
+            packets.append(Instruction(packet[2], packet[4], packet[5:-1]))
+
+
+@dataclass
+class FaultPlan:
+    """Faults to inject into replies. Counted faults fire on the next replies; rates are per reply."""
+
+    drop_next: int = 0
+    garble_next: int = 0
+    drop_rate: float = 0.0
+    garble_rate: float = 0.0
+    error_bits: dict[int, int] = field(default_factory=dict)  # servo id -> ERRBIT_* mask in every status
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def take_drop(self) -> bool:
+        if self.drop_next > 0:
+            self.drop_next -= 1
+            return True
+        return self.drop_rate > 0 and self._rng.random() < self.drop_rate
+
+    def take_garble(self) -> bool:
+        if self.garble_next > 0:
+            self.garble_next -= 1
+            return True
+        return self.garble_rate > 0 and self._rng.random() < self.garble_rate
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> FaultPlan:
+        known = {"drop_next", "garble_next", "drop_rate", "garble_rate", "error_bits", "seed"}
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f"unknown fault fields {sorted(unknown)}; expected some of {sorted(known)}")
+        spec = dict(spec)
+        spec["error_bits"] = {int(k): int(v) for k, v in spec.get("error_bits", {}).items()}
+        return cls(**spec)
+
+
+def garble(packet: bytes) -> bytes:
+    """Corrupt one payload byte so the checksum fails while the frame still parses as a status packet."""
+    corrupted = bytearray(packet)
+    corrupted[-2 if len(packet) > 6 else -1] ^= 0x5A
+    return bytes(corrupted)
+
+
+def step_toward(position: float, velocity: float, goal: float, max_speed: float, max_accel: float,
+                dt: float) -> tuple[float, float]:
+    """One step of a trapezoidal move: accelerate, cruise at `max_speed`, brake to stop at `goal`."""
+    error = goal - position
+    if abs(error) < 0.5 and abs(velocity) < max_accel * dt:
+        return goal, 0.0
+    brake_speed = math.sqrt(2.0 * max_accel * abs(error))
+    desired = math.copysign(min(max_speed, brake_speed), error)
+    dv = max(-max_accel * dt, min(max_accel * dt, desired - velocity))
+    velocity += dv
+    new_position = position + velocity * dt
+    if (goal - new_position) * error <= 0:  # crossed the goal this step
+        return goal, 0.0
+    return new_position, velocity
+
+
+class Servo:
+    """One STS3215: its memory image plus the physical shaft angle.
+
+    `shaft` is the absolute encoder angle in ticks. lerobot's convention (feetech.py,
+    `_get_half_turn_homings`) is Present_Position = shaft - Homing_Offset, wrapped into one turn
+    because Phase bit 4 is clear; the goal lives in the same homed frame.
+    """
+
+    def __init__(self, servo_id: int, shaft: float = RESOLUTION / 2, seed: int = 0) -> None:
+        self.memory = bytearray(MEMORY_SIZE)
+        for name, value in FACTORY_DEFAULTS.items():
+            self.set(name, value)
+        self.set("ID", servo_id)
+        self.shaft = float(shaft)
+        self.velocity = 0.0
+        self.pending_write: tuple[int, bytes] | None = None
+        self._rng = random.Random(seed * 1009 + servo_id)
+        self._refresh_sensors()
+
+    @property
+    def servo_id(self) -> int:
+        return self.memory[CONTROL_TABLE["ID"][0]]
+
+    def get(self, name: str) -> int:
+        address, size = CONTROL_TABLE[name]
+        raw = int.from_bytes(self.memory[address : address + size], "little")
+        return decode_sign_magnitude(raw, SIGN_BITS[name]) if name in SIGN_BITS else raw
+
+    def set(self, name: str, value: int) -> None:
+        address, size = CONTROL_TABLE[name]
+        raw = encode_sign_magnitude(int(value), SIGN_BITS[name]) if name in SIGN_BITS else int(value)
+        self.memory[address : address + size] = raw.to_bytes(size, "little")
+
+    @property
+    def torque_enabled(self) -> bool:
+        return self.get("Torque_Enable") == 1
+
+    @property
+    def position(self) -> float:
+        """Present position in the homed frame, unrounded."""
+        return (self.shaft - self.get("Homing_Offset")) % RESOLUTION
+
+    def place(self, position: float) -> None:
+        """Set the present position directly: a hand (or the scripted operator) moving an unpowered joint."""
+        self.shaft = (position + self.get("Homing_Offset")) % RESOLUTION
+        self.velocity = 0.0
+        self._refresh_sensors()
+
+    def write(self, address: int, data: bytes) -> None:
+        for offset, byte in enumerate(data):
+            if address + offset < MEMORY_SIZE and address + offset not in _READ_ONLY_ADDRESSES:
+                self.memory[address + offset] = byte
+        self._refresh_sensors()
+
+    def read(self, address: int, length: int) -> bytes:
+        return bytes(self.memory[address : address + length])
+
+    def _target(self) -> float:
+        goal = self.get("Goal_Position")
+        low, high = self.get("Min_Position_Limit"), self.get("Max_Position_Limit")
+        if low < high:  # equal limits mean multi-turn mode: no clamp
+            goal = min(high, max(low, goal))
+        return float(goal)
+
+    def _limits(self) -> tuple[float, float]:
+        goal_speed = self.get("Goal_Velocity")
+        speed = abs(goal_speed) if goal_speed else MAX_SPEED_TICKS_S
+        accel_register = self.get("Acceleration") or self.get("Maximum_Acceleration")
+        return min(speed, MAX_SPEED_TICKS_S), max(1, accel_register) * ACCELERATION_UNIT_TICKS_S2
+
+    def advance(self, dt: float) -> None:
+        if dt <= 0:
+            return
+        position = self.position
+        if self.torque_enabled:
+            speed, accel = self._limits()
+            position, self.velocity = step_toward(position, self.velocity, self._target(), speed, accel, dt)
+        else:
+            position += self._rng.gauss(0.0, TORQUE_OFF_DRIFT_TICKS * math.sqrt(dt))
+            self.velocity = 0.0
+        self.shaft = (position + self.get("Homing_Offset")) % RESOLUTION
+        self._refresh_sensors()
+
+    def _refresh_sensors(self) -> None:
+        present = int(round(self.position)) % RESOLUTION
+        self.set("Present_Position", present)
+        self.set("Present_Velocity", int(round(self.velocity)))
+        if self.torque_enabled:
+            load = min(1000, int(abs(self._target() - self.position) * self.get("P_Coefficient") / 8))
+        else:
+            load = 0
+            # An unpowered servo's goal follows the shaft, so enabling torque holds the joint where it is
+            # instead of jumping to a stale goal.
+            self.set("Goal_Position", present)
+        self.set("Present_Load", load)
+        self.set("Present_Current", load // 2)
+        self.set("Moving", int(abs(self.velocity) > 1.0))
+
+
+class FeetechBus:
+    """A chain of servos behind one serial line. `handle` turns one instruction into reply bytes.
+
+    Thread-safe: the pty server handles packets while the rig reads follower positions and the
+    scripted operator places leader joints.
+    """
+
+    def __init__(self, ids: list[int], start_positions: dict[int, float] | None = None, seed: int = 0) -> None:
+        start_positions = start_positions or {}
+        self.servos: dict[int, Servo] = {}
+        for servo_id in ids:
+            servo = Servo(servo_id, seed=seed)
+            servo.place(start_positions.get(servo_id, RESOLUTION / 2))
+            self.servos[servo_id] = servo
+        self.faults = FaultPlan()
+        self.lock = threading.RLock()
+        self._time: float | None = None
+
+    def advance(self, now: float) -> None:
+        with self.lock:
+            if self._time is not None:
+                for servo in self.servos.values():
+                    servo.advance(now - self._time)
+            self._time = now
+
+    def positions(self) -> dict[int, float]:
+        """Present positions (homed ticks) by servo id."""
+        with self.lock:
+            return {servo_id: servo.position for servo_id, servo in self.servos.items()}
+
+    def place(self, positions: dict[int, float]) -> None:
+        """Move joints by hand; joints with torque enabled resist and stay under position control."""
+        with self.lock:
+            for servo_id, position in positions.items():
+                servo = self.servos[servo_id]
+                if not servo.torque_enabled:
+                    servo.place(position)
+
+    def teleport(self, positions: dict[int, float]) -> None:
+        """Reset joints to positions regardless of torque (episode reset), holding them there."""
+        with self.lock:
+            for servo_id, position in positions.items():
+                servo = self.servos[servo_id]
+                servo.place(position)
+                servo.set("Goal_Position", int(round(position)) % RESOLUTION)
+
+    def handle(self, instruction: Instruction) -> list[bytes]:
+        with self.lock:
+            return self._apply_faults(self._dispatch(instruction))
+
+    def _apply_faults(self, replies: list[bytes]) -> list[bytes]:
+        delivered: list[bytes] = []
+        for reply in replies:
+            if self.faults.take_drop():
+                continue
+            if self.faults.take_garble():
+                # A noise burst ends the batch: the host discards a corrupt packet and flushes its input,
+                # and bytes still arriving after that flush (a pty delivers them late) would desync every
+                # later read, which no real adapter does to lerobot.
+                delivered.append(garble(reply))
+                break
+            delivered.append(reply)
+        return delivered
+
+    def _status(self, servo: Servo, params: bytes = b"") -> bytes:
+        return status_packet(servo.servo_id, self.faults.error_bits.get(servo.servo_id, 0), params)
+
+    def _targets(self, servo_id: int) -> list[Servo]:
+        if servo_id == BROADCAST_ID:
+            return list(self.servos.values())
+        servo = self._by_id(servo_id)
+        return [servo] if servo else []
+
+    def _by_id(self, servo_id: int) -> Servo | None:
+        # Ids are EPROM contents and can be rewritten (lerobot's setup_motor), so look them up live.
+        return next((s for s in self.servos.values() if s.servo_id == servo_id), None)
+
+    def _acknowledge(self, servo: Servo, broadcast: bool) -> list[bytes]:
+        if broadcast or servo.get("Response_Status_Level") == 0:
+            return []
+        return [self._status(servo)]
+
+    def _dispatch(self, ins: Instruction) -> list[bytes]:
+        broadcast = ins.servo_id == BROADCAST_ID
+        code, params = ins.code, ins.params
+        if code == INST_PING:
+            return [self._status(servo) for servo in self._targets(ins.servo_id)]
+        if code == INST_READ and len(params) == 2 and not broadcast:
+            return [self._status(s, s.read(params[0], params[1])) for s in self._targets(ins.servo_id)]
+        if code == INST_WRITE and params:
+            replies: list[bytes] = []
+            for servo in self._targets(ins.servo_id):
+                servo.write(params[0], params[1:])
+                replies += self._acknowledge(servo, broadcast)
+            return replies
+        if code == INST_REG_WRITE and params:
+            replies = []
+            for servo in self._targets(ins.servo_id):
+                servo.pending_write = (params[0], bytes(params[1:]))
+                replies += self._acknowledge(servo, broadcast)
+            return replies
+        if code == INST_ACTION:
+            replies = []
+            for servo in self._targets(ins.servo_id):
+                if servo.pending_write is not None:
+                    servo.write(*servo.pending_write)
+                    servo.pending_write = None
+                replies += self._acknowledge(servo, broadcast)
+            return replies
+        if code == INST_SYNC_READ and len(params) >= 2:
+            address, length = params[0], params[1]
+            servos = [self._by_id(servo_id) for servo_id in params[2:]]
+            return [self._status(s, s.read(address, length)) for s in servos if s is not None]
+        if code == INST_SYNC_WRITE and len(params) >= 2:
+            address, length = params[0], params[1]
+            for start in range(2, len(params) - length, length + 1):
+                servo = self._by_id(params[start])
+                if servo is not None:
+                    servo.write(address, params[start + 1 : start + 1 + length])
+            return []
+        return []  # unknown or malformed instruction: a real servo stays silent

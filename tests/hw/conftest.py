@@ -1,0 +1,54 @@
+"""Fixtures for simulated-hardware tests: simulated arms as real `zk0 sim arm` processes on real ptys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def responsive_bus_threads() -> Iterator[None]:
+    """In-process bus servers share the GIL with the SDK's busy-polling client: switch threads every 0.5 ms
+    (as `zk0 sim rig` does) so a reply is never stuck behind the client for lerobot's whole 50 ms timeout."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    yield
+    sys.setswitchinterval(previous)
+
+
+def spawn_sim(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zk0.cli", "sim", *args], stdout=subprocess.PIPE, text=True
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def sim_arm(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start simulated arms; each call returns the pty path. Calibration files land in tmp_path/calibration."""
+    processes: list[subprocess.Popen] = []
+
+    def start(role: str = "follower", robot: str = "so101", arm_id: str | None = None) -> str:
+        args = ["arm", "--role", role, "--robot", robot, "--print-port",
+                "--calibration-dir", str(tmp_path / "calibration"), "--id", arm_id or f"sim_{role}"]
+        process = spawn_sim(args)
+        processes.append(process)
+        port = process.stdout.readline().strip()
+        assert port.startswith("/dev/"), f"zk0 sim arm printed {port!r}"
+        return port
+
+    yield start
+    for process in processes:
+        stop(process)
