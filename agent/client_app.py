@@ -1,0 +1,160 @@
+"""The zk0 ClientApp: what a host's SuperNode runs for each federation message.
+
+- query ("stats"): the host's sufficient statistics over its datasets (never frames, never paths);
+- train: load the round's global trainable tensors (digest checked), train with the round's LR and
+  mu, return one encoded update (zk0.learn.codec) with its metrics and a hashed dataset id;
+- evaluate: check the aggregated model's digest, evaluate it on the local held-out split, and save
+  it as a lerobot checkpoint in the host's policy store (`<policy-store>/round_<N>`).
+
+Node settings come from `context.node_config` (see zk0.agent.node): `dataset-roots` (comma-separated),
+`policy-store`, `device`, and `corrupt-updates` ("nan" or "hash"), a fault-injection drill that
+makes this node send broken updates so an operator can watch the server refuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from zk0.learn import codec
+from zk0.learn import stats as fedstats
+from zk0.learn.data import ConcatData, dataset_fingerprint
+from zk0.learn.policy import PolicyBundle
+from zk0.server.evaluation import build_federated_policy, frozen_sha256, held_out_data
+from zk0.server.server_app import INFO_RECORD, STATS_RECORD, stats_from_record, stats_to_record
+from zk0.server.strategy import GLOBAL_SHA256, METRICS_RECORD, UPDATE_RECORD
+
+app = ClientApp()
+
+
+@dataclass
+class NodeSession:
+    """The host's policy and data, built once per ClientApp process and reused across messages."""
+
+    key: tuple
+    bundle: PolicyBundle
+    train_data: Any
+    held_out: dict
+    stats: fedstats.SufficientStats
+
+
+_session: NodeSession | None = None
+
+
+def dataset_roots(context: Context) -> list[Path]:
+    roots = [Path(p) for p in str(context.node_config.get("dataset-roots", "")).split(",") if p]
+    if not roots:
+        raise ValueError("node config has no dataset-roots")
+    for root in roots:
+        if not (root / "meta" / "info.json").is_file():
+            raise ValueError(f"node dataset {root.name} is not a LeRobot dataset")
+    return roots
+
+
+def dataset_id(roots: list[Path]) -> str:
+    """A digest naming this host's data for the server's logs; reveals neither paths nor contents."""
+    return hashlib.sha256(",".join(sorted(dataset_fingerprint(r) for r in roots)).encode()).hexdigest()[:16]
+
+
+def session(context: Context, content: RecordDict) -> NodeSession:
+    global _session
+    config = content.config_records["config"]
+    stats = stats_from_record(content.array_records[STATS_RECORD])
+    model, seed = str(config["model"]), int(config["seed"])
+    roots = dataset_roots(context)
+    stats_digest = hashlib.sha256(b"".join(np.ascontiguousarray(v).tobytes() for _, v in sorted(stats.to_record().items())))
+    key = (model, seed, float(config["eval-fraction"]), tuple(roots), stats_digest.hexdigest())
+    if _session is None or _session.key != key:
+        bundle = build_federated_policy(model, str(context.node_config.get("device", "cpu")), roots[0], stats, seed)
+        train, held_out = held_out_data(roots, bundle.policy.config, float(config["eval-fraction"]), seed)
+        _session = NodeSession(key, bundle, train[0] if len(train) == 1 else ConcatData(train), held_out, stats)
+    if frozen_sha256(_session.bundle.policy) != config["frozen-sha256"]:
+        raise ValueError("this node's frozen model weights differ from the server's (model or library version mismatch)")
+    return _session
+
+
+def checked_global(content: RecordDict) -> dict:
+    state = dict(content.array_records["arrays"].to_torch_state_dict())
+    if codec.tensors_sha256(state) != content.config_records["config"][GLOBAL_SHA256]:
+        raise ValueError("received global model does not match its SHA-256")
+    return state
+
+
+def corrupt_payload(payload: bytes, kind: str) -> bytes:
+    """Fault-injection drill: 'hash' flips a body byte; 'nan' writes NaN into an fp32 payload and re-seals it."""
+    data = bytearray(payload)
+    body_end = len(data) - 32
+    if kind == "hash":
+        data[body_end - 1] ^= 0xFF
+        return bytes(data)
+    if kind == "nan":
+        struct.pack_into("<f", data, body_end - 4, float("nan"))
+        data[body_end:] = hashlib.sha256(bytes(data[:body_end])).digest()
+        return bytes(data)
+    raise ValueError(f"corrupt-updates must be 'nan' or 'hash', got {kind!r}")
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    roots = dataset_roots(context)
+    stats = fedstats.combine([fedstats.from_dataset(root) for root in roots])
+    content = RecordDict({STATS_RECORD: stats_to_record(stats),
+                          INFO_RECORD: ConfigRecord({"dataset-id": dataset_id(roots)}),
+                          METRICS_RECORD: MetricRecord({"num-frames": stats.count})})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from zk0.learn.trainer import LocalTrainer, TrainerConfig
+
+    node = session(context, msg.content)
+    config = msg.content.config_records["config"]
+    global_state = checked_global(msg.content)
+    trainer = LocalTrainer(node.bundle.policy, node.bundle.preprocessor, node.train_data,
+                           TrainerConfig(batch_size=int(config["batch-size"]),
+                                         seed=int(config["seed"]) + 7919 * int(config["server-round"])))
+    result = trainer.train(global_state, int(config["local-steps"]), lr=float(config["lr"]),
+                           mu=float(config["proximal-mu"]))
+    payload = codec.encode(result.state, str(config["codec"]), base=global_state)
+    fault = str(context.node_config.get("corrupt-updates", ""))
+    if fault:
+        payload = corrupt_payload(payload, fault)
+    metrics = MetricRecord({
+        "num-examples": result.examples, "policy-loss": result.policy_loss, "proximal-loss": result.proximal_loss,
+        "grad-norm": result.grad_norm, "update-norm": result.update_norm, "steps": result.steps_done,
+        "train-seconds": result.seconds, "loss-std": float(np.std(result.losses)) if result.losses else 0.0,
+        "lr": float(config["lr"]), "mu": float(config["proximal-mu"]),
+    })
+    content = RecordDict({UPDATE_RECORD: codec.to_array_record(payload), METRICS_RECORD: metrics,
+                          INFO_RECORD: ConfigRecord({"dataset-id": dataset_id(dataset_roots(context))})})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from zk0.learn.checkpoint import CheckpointMeta, save_checkpoint
+    from zk0.learn.evaluate import EvalConfig, evaluate_datasets
+    from zk0.learn.policy import load_trainable_state
+
+    node = session(context, msg.content)
+    config = msg.content.config_records["config"]
+    load_trainable_state(node.bundle.policy, checked_global(msg.content))
+    server_round = int(config["server-round"])
+    store = Path(str(context.node_config.get("policy-store", "policies")))
+    save_checkpoint(store / f"round_{server_round}", node.bundle,
+                    CheckpointMeta(run="federation", round=server_round,
+                                   extra={GLOBAL_SHA256: str(config[GLOBAL_SHA256])}), stats=node.stats)
+    metrics: dict[str, float] = {"num-examples": 0}
+    if node.held_out:
+        cfg = EvalConfig(seed=int(config["seed"]) + 1234)
+        losses = evaluate_datasets(node.bundle.policy, node.bundle.preprocessor, node.held_out, cfg)
+        metrics = {"loss": losses["composite"], "num-examples": sum(len(d.frame_index()) for d in node.held_out.values())}
+    return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics)}), reply_to=msg)
