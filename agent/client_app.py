@@ -7,7 +7,8 @@
   it as a lerobot checkpoint in the host's policy store (`<policy-store>/round_<N>`).
 
 Node settings come from `context.node_config` (see zk0.agent.node): `dataset-roots` (comma-separated),
-`policy-store`, `device`, and `corrupt-updates` ("nan" or "hash"), a fault-injection drill that
+`policy-store` (its sibling `frame-cache/` keeps decoded frames across rounds, within `frame-cache-bytes`),
+`device`, and `corrupt-updates` ("nan" or "hash"), a fault-injection drill that
 makes this node send broken updates so an operator can watch the server refuse them.
 """
 
@@ -25,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from zk0.learn import codec
 from zk0.learn import stats as fedstats
-from zk0.learn.data import ConcatData, dataset_fingerprint
+from zk0.learn.data import ConcatData, FrameCache, dataset_fingerprint
 from zk0.learn.policy import PolicyBundle
 from zk0.server.evaluation import build_federated_policy, frozen_sha256, held_out_data
 from zk0.server.server_app import INFO_RECORD, STATS_RECORD, stats_from_record, stats_to_record
@@ -73,11 +74,22 @@ def session(context: Context, content: RecordDict) -> NodeSession:
     key = (model, seed, float(config["eval-fraction"]), tuple(roots), stats_digest.hexdigest())
     if _session is None or _session.key != key:
         bundle = build_federated_policy(model, str(context.node_config.get("device", "cpu")), roots[0], stats, seed)
-        train, held_out = held_out_data(roots, bundle.policy.config, float(config["eval-fraction"]), seed)
+        train, held_out = held_out_data(roots, bundle.policy.config, float(config["eval-fraction"]), seed,
+                                        frame_cache(context))
         _session = NodeSession(key, bundle, train[0] if len(train) == 1 else ConcatData(train), held_out, stats)
     if frozen_sha256(_session.bundle.policy) != config["frozen-sha256"]:
         raise ValueError("this node's frozen model weights differ from the server's (model or library version mismatch)")
     return _session
+
+
+def frame_cache(context: Context) -> FrameCache:
+    """Decoded frames kept on disk beside the policy store: Flower starts a ClientApp process per message,
+    so an in-memory cache alone would decode every episode again each round."""
+    store = str(context.node_config.get("policy-store", ""))
+    if not store:
+        return FrameCache()
+    budget = int(context.node_config.get("frame-cache-bytes", 4 << 30))
+    return FrameCache(disk_dir=Path(store).parent / "frame-cache", disk_bytes=budget)
 
 
 def checked_global(content: RecordDict) -> dict:

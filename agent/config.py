@@ -60,6 +60,12 @@ class RecordSettings:
     min_free_disk_mb: int = 1024
     video_codec: str = "libsvtav1"
     encoder_threads: int | None = None
+    # Extra attempts of each bus read (lerobot's `num_read_retries`): a lost status packet is routine
+    # on a busy serial link and costs about a millisecond to retry.
+    read_retries: int = 3
+    # Ticks that still fail are dropped and counted; this many in a row means the hardware is gone:
+    # the episode in progress is discarded and the session stops, committed episodes untouched.
+    max_failed_ticks_in_row: int = 15
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,8 @@ def _check_values(config: AgentConfig, source: str) -> None:
     record = config.record
     if record.fps <= 0 or record.episode_time_s <= 0 or record.reset_time_s < 0:
         raise ConfigError(f"{source}: record: fps and episode_time_s must be positive, reset_time_s not negative")
+    if record.read_retries < 0 or record.max_failed_ticks_in_row < 1:
+        raise ConfigError(f"{source}: record: read_retries must not be negative, max_failed_ticks_in_row at least 1")
     if not 0 < record.min_rate_fraction <= 1:
         raise ConfigError(f"{source}: record.min_rate_fraction: must be in (0, 1], got {record.min_rate_fraction}")
     limit = config.safety.max_relative_target

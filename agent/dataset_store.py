@@ -73,6 +73,8 @@ class EpisodeMeta:
     calibration_hash: str
     seed: int | None = None
     success: bool | None = None
+    failed_ticks: int = 0  # ticks dropped because the hardware did not answer (no frame for them)
+    jitter_p50_ms: float = 0.0
 
 
 @dataclass
@@ -84,6 +86,12 @@ class CommitRecord:
     info: dict = field(default_factory=dict)
     stats: dict | None = None
     tasks: list[str] = field(default_factory=list)
+    # Leading episodes recorded outside zk0 (a lerobot-record dataset zk0 adopted): committed, without zk0 metadata.
+    adopted: int = 0
+
+    @property
+    def committed(self) -> int:
+        return self.adopted + len(self.episodes)
 
     def to_json(self) -> dict:
         return {
@@ -93,6 +101,7 @@ class CommitRecord:
             "info": self.info,
             "stats": self.stats,
             "tasks": self.tasks,
+            "adopted": self.adopted,
         }
 
     @classmethod
@@ -103,6 +112,7 @@ class CommitRecord:
             info=raw["info"],
             stats=raw["stats"],
             tasks=raw["tasks"],
+            adopted=raw.get("adopted", 0),
         )
 
 
@@ -280,7 +290,7 @@ def write_commit(root: Path, record: CommitRecord) -> None:
     _atomic_write(root / ZK0_META_PATH, json.dumps(record.to_json(), indent=1).encode())
 
 
-def snapshot_commit(root: Path, identity: DatasetIdentity, episodes: list[EpisodeMeta]) -> CommitRecord:
+def snapshot_commit(root: Path, identity: DatasetIdentity, episodes: list[EpisodeMeta], adopted: int = 0) -> CommitRecord:
     """A commit record for what lerobot has just finalized on disk."""
     stats_path = root / STATS_PATH
     return CommitRecord(
@@ -289,6 +299,7 @@ def snapshot_commit(root: Path, identity: DatasetIdentity, episodes: list[Episod
         info=json.loads((root / INFO_PATH).read_text()),
         stats=json.loads(stats_path.read_text()) if stats_path.exists() else None,
         tasks=_read_tasks(root),
+        adopted=adopted,
     )
 
 
@@ -321,7 +332,7 @@ def check_and_repair(root: Path) -> tuple[CommitRecord | None, RepairReport]:
     record = read_commit(root)
     if record is None:
         return None, _check_foreign(root)
-    committed = len(record.episodes)
+    committed = record.committed
     _restore_metadata(root, record)  # info.json must describe the committed layout before inspecting it
     inspection = inspect_dataset(root, committed)
     if inspection.problem:
@@ -361,14 +372,19 @@ def _check_foreign(root: Path) -> RepairReport:
     except (ValueError, KeyError):
         raise DatasetError(f"{root}: {INFO_PATH} is unreadable and there is no zk0 commit record; record into a new --dataset name") from None
     inspection = inspect_dataset(root, total)
-    stray = [p for p in _dataset_files(root) if p not in inspection.referenced] + _leftovers(root)
+    stray = [p for p in _dataset_files(root) if p not in inspection.referenced]
     if inspection.problem or stray:
         what = inspection.problem or f"{stray[0].relative_to(root)} belongs to no episode"
         raise DatasetError(
             f"{root}: not recorded by zk0 and inconsistent ({what}); "
             f"episodes 0..{inspection.intact - 1} are intact. Record into a new --dataset name"
         )
-    return RepairReport(removed=[], restored_metadata=False)
+    # lerobot-record leaves its image staging directory behind; no saved episode needs it.
+    removed = []
+    for path in _leftovers(root):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(str(path.relative_to(root)))
+    return RepairReport(removed=removed, restored_metadata=False)
 
 
 def free_disk_mb(path: Path) -> float:
@@ -416,10 +432,12 @@ class DatasetStore:
         repo_id = f"local/{name}"
         if root.exists() and any(root.iterdir()):
             record, report = check_and_repair(root)
-            if record is None:
-                record = snapshot_commit(root, identity, [])
-                write_commit(root, record)
+            adopting = record is None
+            if adopting:
+                record = _adoption_record(root, identity)
             _check_compatible(root, record, features, fps, identity)
+            if adopting:
+                write_commit(root, record)
             store = cls(root, repo_id, identity, record, encoding)
             return store, report
         if root.exists():
@@ -437,7 +455,7 @@ class DatasetStore:
 
     @property
     def num_episodes(self) -> int:
-        return len(self._record.episodes)
+        return self._record.committed
 
     @property
     def episodes(self) -> list[EpisodeMeta]:
@@ -465,7 +483,7 @@ class DatasetStore:
         self._dataset = None
         fault_point("after_finalize")
         _fsync_tree(self.root)
-        record = snapshot_commit(self.root, self.identity, [*self._record.episodes, meta])
+        record = snapshot_commit(self.root, self.identity, [*self._record.episodes, meta], self._record.adopted)
         write_commit(self.root, record)
         self._record = record
 
@@ -485,6 +503,20 @@ def _writer_kwargs(encoding: EncodingSettings) -> dict[str, Any]:
         "encoder_threads": encoding.encoder_threads,
         "rgb_encoder": RGBEncoderConfig(vcodec=encoding.video_codec),
     }
+
+
+def _adoption_record(root: Path, identity: DatasetIdentity) -> CommitRecord:
+    """The first commit record of a consistent dataset recorded outside zk0: all its episodes are kept."""
+    info = json.loads((root / INFO_PATH).read_text())
+    if not lerobot_robot_matches(info.get("robot_type"), identity.robot_type):
+        raise DatasetError(f"{root}: recorded with robot {info.get('robot_type')}, this host has {identity.robot_type}; use another --dataset name")
+    return snapshot_commit(root, identity, [], adopted=info["total_episodes"])
+
+
+def lerobot_robot_matches(recorded: str | None, robot_type: str) -> bool:
+    """Whether a dataset lerobot recorded (robot_type = the robot class name, e.g. `so_follower` for both
+    SO-100 and SO-101, or a config type like `so101_follower`) can take episodes from a `robot_type` arm."""
+    return recorded in (robot_type, f"{robot_type}_follower", "so_follower")
 
 
 def _check_compatible(root: Path, record: CommitRecord, features: dict, fps: int, identity: DatasetIdentity) -> None:

@@ -5,7 +5,9 @@ One tick: read the follower (joints + every camera), read the leader, clamp the 
 Frames carry their capture time (`capture_time_s`, seconds since the episode's first frame) next to
 lerobot's nominal `timestamp = frame_index / fps`, which video decoding relies on; ticks that miss
 their deadline are counted, and an episode whose achieved rate falls below the configured fraction
-of the fps is flagged in its zk0 metadata.
+of the fps is flagged in its zk0 metadata. A tick whose bus read or camera read fails (after lerobot's own
+read retries) is dropped and counted; `max_failed_ticks_in_row` failures in a row end the session with
+the episode in progress discarded and every committed one intact.
 
 Operator controls work without a display: lines on stdin (`s` or an empty line: save now, `d`: discard,
 `r`: re-record, `q`: save and stop) and signals (SIGUSR1: save now, SIGUSR2: re-record,
@@ -14,6 +16,7 @@ SIGINT/SIGTERM: save and stop).
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -32,7 +35,12 @@ from zk0.agent.dataset_store import DatasetStore, EpisodeMeta, fault_point, free
 from zk0.hw.safety import JointLimits, clamp_target
 
 CAPTURE_TIME = "capture_time_s"
+# What a lost status packet, a bus timeout or a stale camera frame raises in lerobot: a tick that hits
+# one of these is dropped and counted, not fatal, until too many fail in a row.
+TRANSIENT_HARDWARE_ERRORS = (ConnectionError, TimeoutError)
 DISK_CHECK_PERIOD_S = 1.0
+
+logger = logging.getLogger(__name__)
 
 
 def dataset_features(robot: Robot) -> dict:
@@ -98,25 +106,28 @@ class TickTiming:
     """How well a phase kept its schedule."""
 
     ticks: int
-    on_time_fraction: float  # ticks that started within one period of their deadline and finished in it
+    on_time_fraction: float  # of all ticks (failed ones included), those that finished within one period of their deadline
     overruns: int
+    failed: int  # ticks dropped because the hardware did not answer; not among `ticks`
     jitter_p50_ms: float
     jitter_p99_ms: float
     achieved_fps: float
 
 
-def tick_timing(starts: np.ndarray, deadlines: np.ndarray, ends: np.ndarray, period_s: float) -> TickTiming:
-    """Timing of ticks from their start times, scheduled deadlines and end times (seconds)."""
+def tick_timing(starts: np.ndarray, deadlines: np.ndarray, ends: np.ndarray, period_s: float, failed: int = 0) -> TickTiming:
+    """Timing of completed ticks from their start times, scheduled deadlines and end times (seconds),
+    plus the number of `failed` ticks (which count as late)."""
     n = len(starts)
     if n == 0:
-        return TickTiming(0, 1.0, 0, 0.0, 0.0, 0.0)
+        return TickTiming(0, 0.0 if failed else 1.0, 0, failed, 0.0, 0.0, 0.0)
     jitter_ms = np.abs(starts - deadlines) * 1e3
     overran = (ends - deadlines) > period_s
     span = starts[-1] - starts[0]
     return TickTiming(
         ticks=n,
-        on_time_fraction=float(1.0 - overran.mean()),
+        on_time_fraction=float((n - overran.sum()) / (n + failed)),
         overruns=int(overran.sum()),
+        failed=failed,
         jitter_p50_ms=float(np.percentile(jitter_ms, 50)),
         jitter_p99_ms=float(np.percentile(jitter_ms, 99)),
         achieved_fps=float((n - 1) / span) if span > 0 else 0.0,
@@ -162,6 +173,11 @@ class RecordPlan:
     min_free_disk_mb: float
     max_relative_target: float | None
     calibration_hash: str
+    max_failed_ticks_in_row: int = 15
+
+
+class HardwareLost(ConnectionError):
+    """Too many ticks in a row failed: the arm or a camera stopped answering."""
 
 
 @dataclass
@@ -170,6 +186,7 @@ class SessionSummary:
     discarded: int = 0
     rerecorded: int = 0
     stopped_for_disk: bool = False
+    hardware_error: str | None = None  # why the session stopped early; the episode in progress was discarded
     timings: list[TickTiming] = field(default_factory=list)
 
 
@@ -205,7 +222,12 @@ class Recorder:
             index = self.store.num_episodes
             seed = self.environment.begin_episode(index)
             started_at = time.time()
-            ending, timing, low_disk = self._run_phase(self.plan.episode_time_s, record=True, episode_index=index)
+            try:
+                ending, timing, low_disk = self._run_phase(self.plan.episode_time_s, record=True, episode_index=index)
+            except HardwareLost as error:
+                self.store.discard_episode()
+                summary.hardware_error = str(error)
+                break
             success = self.environment.end_episode()
             summary.timings.append(timing)
             summary.stopped_for_disk |= low_disk
@@ -216,8 +238,8 @@ class Recorder:
             else:
                 meta = EpisodeMeta(
                     episode_index=index, length=timing.ticks, task=self.plan.task, started_at=started_at,
-                    achieved_fps=round(timing.achieved_fps, 3), overruns=timing.overruns,
-                    jitter_p99_ms=round(timing.jitter_p99_ms, 3),
+                    achieved_fps=round(timing.achieved_fps, 3), overruns=timing.overruns, failed_ticks=timing.failed,
+                    jitter_p99_ms=round(timing.jitter_p99_ms, 3), jitter_p50_ms=round(timing.jitter_p50_ms, 3),
                     slow=is_slow(timing.achieved_fps, self.plan.fps, self.plan.min_rate_fraction),
                     calibration_hash=self.plan.calibration_hash, seed=seed, success=success,
                 )
@@ -227,24 +249,41 @@ class Recorder:
                 break
             more = len(summary.saved) < self.plan.episodes and not self.events.stop
             if more and self.plan.reset_time_s > 0:
-                self._run_phase(self.plan.reset_time_s, record=False, episode_index=index)
+                try:
+                    self._run_phase(self.plan.reset_time_s, record=False, episode_index=index)
+                except HardwareLost as error:
+                    summary.hardware_error = str(error)
+                    break
         return summary
 
     def _run_phase(self, duration_s: float, record: bool, episode_index: int) -> tuple[str | None, TickTiming, bool]:
         """Teleoperate for `duration_s` (recording frames if `record`); return how it ended and its timing."""
         period = 1.0 / self.plan.fps
-        n_max = int(round(duration_s * self.plan.fps))
+        # Ticks are at least a period apart, so a phase of `duration_s` holds at most this many.
+        n_max = int(np.ceil(duration_s * self.plan.fps)) + 1
         starts, deadlines, ends = np.empty(n_max), np.empty(n_max), np.empty(n_max)
         dataset = self.store.writer() if record else None
         ending, low_disk = None, False
         first = time.perf_counter()
         deadline = first
         next_disk_check = first + DISK_CHECK_PERIOD_S
-        n = 0
-        while n < n_max:
+        n = failed = failed_in_row = 0
+        # The phase lasts `duration_s` of wall time: a slow loop records fewer frames, never a longer episode.
+        while deadline - first < duration_s - 1e-9 and n < n_max:
             precise_sleep(deadline - time.perf_counter())
             start = time.perf_counter()
-            self._tick(dataset, start - first)
+            try:
+                self._tick(dataset, start - first)
+            except TRANSIENT_HARDWARE_ERRORS as error:
+                failed += 1
+                failed_in_row += 1
+                if failed_in_row >= self.plan.max_failed_ticks_in_row:
+                    raise HardwareLost(f"{failed_in_row} ticks in a row failed, the last with: {error}") from error
+                logger.warning("tick dropped (%d in a row): %s", failed_in_row, error)
+                end = time.perf_counter()
+                deadline = max(deadline + period, end)
+                continue
+            failed_in_row = 0
             end = time.perf_counter()
             starts[n], deadlines[n], ends[n] = start, deadline, end
             n += 1
@@ -263,7 +302,7 @@ class Recorder:
             # A late tick moves the schedule rather than bursting to catch up: a burst would capture
             # frames closer together than the fps the dataset claims.
             deadline = max(deadline + period, end)
-        return ending, tick_timing(starts[:n], deadlines[:n], ends[:n], period), low_disk
+        return ending, tick_timing(starts[:n], deadlines[:n], ends[:n], period, failed), low_disk
 
     def _tick(self, dataset, capture_time_s: float) -> None:
         observation = self.robot.get_observation()

@@ -61,7 +61,14 @@ def run(args: argparse.Namespace) -> int:
 def _record(config, args: argparse.Namespace) -> int:
     from zk0.agent.dataset_store import DatasetError, DatasetIdentity, DatasetStore, EncodingSettings, free_disk_mb
     from zk0.agent.record import OperatorEvents, Recorder, RecordPlan, dataset_features
-    from zk0.hw.robots import calibration_hash, connect_without_prompt, follower_limits, make_follower, make_leader
+    from zk0.hw.robots import (
+        calibration_hash,
+        connect_without_prompt,
+        disconnect_quietly,
+        follower_limits,
+        make_follower,
+        make_leader,
+    )
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     root = config.datasets_root
@@ -82,9 +89,9 @@ def _record(config, args: argparse.Namespace) -> int:
         if repair and repair.removed:
             print(f"zk0 record: repaired {root / args.dataset}: removed {len(repair.removed)} leftovers of an interrupted session", file=sys.stderr)
         connect_without_prompt(leader)
-        stack.callback(leader.disconnect)
+        stack.callback(disconnect_quietly, leader)
         connect_without_prompt(robot)
-        stack.callback(robot.disconnect)
+        stack.callback(disconnect_quietly, robot)
         events = OperatorEvents()
         events.install_signal_handlers()
         events.watch_stream(sys.stdin)
@@ -93,6 +100,7 @@ def _record(config, args: argparse.Namespace) -> int:
             episode_time_s=config.record.episode_time_s, reset_time_s=config.record.reset_time_s,
             min_rate_fraction=config.record.min_rate_fraction, min_free_disk_mb=config.record.min_free_disk_mb,
             max_relative_target=config.safety.max_relative_target, calibration_hash=calibration_hash(config),
+            max_failed_ticks_in_row=config.record.max_failed_ticks_in_row,
         )
         progress = None if args.no_progress else _ProgressBars(plan)
         stack.callback(lambda: progress and progress.close())
@@ -101,6 +109,10 @@ def _record(config, args: argparse.Namespace) -> int:
         if progress:
             progress.close()
         _print_summary(summary, store, plan)
+        if summary.hardware_error:
+            print(f"zk0 record: hardware stopped answering, session ended: {summary.hardware_error}; "
+                  f"the episode in progress was discarded, {store.num_episodes} committed episodes are intact", file=sys.stderr)
+            return 1
         return 3 if summary.stopped_for_disk else 0
 
 
@@ -210,10 +222,12 @@ def _print_summary(summary, store, plan) -> None:
         verdict = "" if meta.success is None else f" success={meta.success}"
         seed = "" if meta.seed is None else f" seed={meta.seed}"
         flag = " SLOW" if meta.slow else ""
+        failed = f", {meta.failed_ticks} failed ticks" if meta.failed_ticks else ""
         print(f"  episode {meta.episode_index}: {meta.length} frames at {meta.achieved_fps:.2f} fps, "
-              f"{meta.overruns} overruns, jitter p99 {meta.jitter_p99_ms:.2f} ms{seed}{verdict}{flag}")
+              f"{meta.overruns} overruns{failed}, jitter p99 {meta.jitter_p99_ms:.2f} ms{seed}{verdict}{flag}")
     ticks = sum(t.ticks for t in summary.timings)
     overruns = sum(t.overruns for t in summary.timings)
+    failed = sum(t.failed for t in summary.timings)
     print(f"session: saved {len(summary.saved)}/{plan.episodes}, discarded {summary.discarded}, "
-          f"re-recorded {summary.rerecorded}, {overruns} overruns in {ticks} recorded ticks"
+          f"re-recorded {summary.rerecorded}, {overruns} overruns and {failed} failed ticks in {ticks} recorded ticks"
           + (", stopped: disk almost full" if summary.stopped_for_disk else ""))

@@ -8,6 +8,7 @@ calibration prompt does.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from lerobot.cameras import CameraConfig as LeRobotCameraConfig
@@ -20,6 +21,8 @@ from lerobot.teleoperators.so_leader import SOLeader, SOLeaderTeleopConfig
 
 from zk0.agent.config import AgentConfig, ArmConfig, CameraConfig
 from zk0.hw.safety import JointLimits, limits_from_calibration
+
+logger = logging.getLogger(__name__)
 
 
 class CalibrationError(RuntimeError):
@@ -46,24 +49,60 @@ def make_follower(config: AgentConfig) -> Robot:
         calibration_dir=config.follower.calibration_dir,
         cameras={camera.name: camera_config(camera) for camera in config.cameras},
         use_degrees=True,
+        num_read_retries=config.record.read_retries,
     )
     return SOFollower(robot_config)
 
 
 def make_leader(config: AgentConfig) -> Teleoperator:
     teleop_config = SOLeaderTeleopConfig(
-        port=config.leader.port, id=config.leader.id, calibration_dir=config.leader.calibration_dir, use_degrees=True
+        port=config.leader.port, id=config.leader.id, calibration_dir=config.leader.calibration_dir, use_degrees=True,
+        num_read_retries=config.record.read_retries,
     )
     return SOLeader(teleop_config)
 
 
-def connect_without_prompt(device: Robot | Teleoperator) -> None:
-    """Connect an arm using its calibration file; raise `CalibrationError` if there is none."""
+CONNECT_ATTEMPTS = 3
+
+
+def connect_without_prompt(device: Robot | Teleoperator, attempts: int = CONNECT_ATTEMPTS) -> None:
+    """Connect an arm using its calibration file; raise `CalibrationError` if there is none.
+
+    lerobot's handshake pings each motor once, so one status packet lost on a busy link fails the whole
+    connect (`Missing motor IDs`); the connect is retried from a closed port before giving up.
+    """
     if not device.calibration:
         raise CalibrationError(f"{device}: no calibration file {device.calibration_fpath}; run lerobot-calibrate first")
-    device.connect(calibrate=False)
-    if not device.is_calibrated:
-        device.bus.write_calibration(device.calibration)
+    for attempt in range(1, attempts + 1):
+        try:
+            device.connect(calibrate=False)
+            if not device.is_calibrated:
+                device.bus.write_calibration(device.calibration)
+            return
+        except (ConnectionError, TimeoutError, RuntimeError) as error:
+            _close_quietly(device)
+            if attempt == attempts:
+                raise ConnectionError(f"{device}: could not connect after {attempts} attempts: {error}") from error
+            logger.warning("%s: connect attempt %d failed (%s); retrying", device, attempt, str(error).splitlines()[0])
+
+
+def disconnect_quietly(device: Robot | Teleoperator) -> None:
+    """Disconnect at the end of a session; an arm that stopped answering (torque cannot be disabled) is
+    reported and its port closed, so it cannot mask why the session ended."""
+    try:
+        device.disconnect()
+    except (ConnectionError, TimeoutError, RuntimeError) as error:
+        logger.warning("%s: disconnect failed (%s); port closed", device, str(error).splitlines()[0])
+        _close_quietly(device)
+
+
+def _close_quietly(device: Robot | Teleoperator) -> None:
+    """Release whatever a failed connect left open, so the next attempt starts from scratch."""
+    for camera in getattr(device, "cameras", {}).values():
+        if camera.is_connected:
+            camera.disconnect()
+    if device.bus.is_connected:
+        device.bus.port_handler.closePort()
 
 
 def follower_limits(robot: Robot) -> JointLimits:
