@@ -7,21 +7,15 @@ one `ConfigError` line that names the offending key, before anything is opened o
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from zk0.cli.typed_yaml import ConfigError, build
+
 DEFAULT_DATASETS_ROOT = Path("/var/lib/zk0/datasets")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, phrased as one line naming the key at fault."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +79,8 @@ class AgentConfig:
     datasets_root: Path = DEFAULT_DATASETS_ROOT
     record: RecordSettings = field(default_factory=RecordSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
+    # This host's SuperNode settings; `zk0 node` validates them (zk0.agent.node.load_node_settings).
+    federation: dict[str, Any] | None = None
 
 
 def load_config(path: str | Path, check_devices: bool = True) -> AgentConfig:
@@ -106,7 +102,7 @@ def load_config(path: str | Path, check_devices: bool = True) -> AgentConfig:
 
 def parse_config(raw: Any, source: str = "config") -> AgentConfig:
     """Build an `AgentConfig` from already-loaded YAML data."""
-    config = _build(AgentConfig, raw, f"{source}: ")
+    config = build(AgentConfig, raw, f"{source}: ")
     _check_values(config, source)
     return config
 
@@ -144,66 +140,3 @@ def _check_values(config: AgentConfig, source: str) -> None:
     limit = config.safety.max_relative_target
     if limit is not None and limit <= 0:
         raise ConfigError(f"{source}: safety.max_relative_target: must be positive or null, got {limit}")
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Recursively build dataclass `cls` from a mapping, checking keys and value types.
-
-    `where` is the error prefix: the source file plus the dotted key path of this mapping.
-    """
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where.rstrip('. ')}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
-    values = {}
-    for name, f in fields.items():
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}{name}: missing required key")
-            continue
-        values[name] = _convert(hints[name], raw[name], f"{where}{name}")
-    return cls(**values)
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{where}.")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {_describe(hint)}, got {type(value).__name__} {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"{where}: must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(hint)
-        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is Path:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a path string, got {type(value).__name__}")
-        return Path(os.path.expanduser(value))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return " or ".join(getattr(a, "__name__", str(a)) for a in args)

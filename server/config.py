@@ -8,9 +8,6 @@ mistake is reported as one `ConfigError` line naming the key.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +15,12 @@ from typing import Any, Literal
 
 import yaml
 
+from zk0.cli.typed_yaml import ConfigError, build
+
 from zk0.server.schedule import ScheduleConfig
 
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 CODECS = ("fp32", "bf16", "int8-delta", "int8-delta-row")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, phrased as one line naming the key at fault."""
 
 
 @dataclass(frozen=True)
@@ -118,65 +113,6 @@ _SHORT_OVERRIDES = {"rounds": ("training", "rounds"), "model": ("training", "mod
                     "batch_size": ("training", "batch_size"), "codec": ("training", "codec")}
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is typing.Union or origin is types.UnionType:
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), where)
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"{where}: must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        return [_coerce(v, typing.get_args(hint)[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{where}: expected a path, got {type(value).__name__}")
-        return Path(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"{where}{'.' if where else ''}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
-    values = {name: _coerce(value, hints[name], f"{where}{'.' if where else ''}{name}") for name, value in raw.items()}
-    try:
-        return cls(**values)
-    except ValueError as err:  # a section's own checks (ScheduleConfig)
-        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
-
-
 def _check(config: ServerConfig) -> None:
     t, n, v, e = config.training, config.nodes, config.validation, config.evaluation
     checks = [
@@ -223,7 +159,7 @@ def parse_server_config(raw: Any, overrides: Mapping[str, Any] | None = None) ->
         if key == "max-update-norm" and value == 0:
             value = None  # Flower run config has no null: 0 means no bound
         _apply(raw, *target, value)
-    config = _build(ServerConfig, raw, "")
+    config = build(ServerConfig, raw)
     _check(config)
     return config
 

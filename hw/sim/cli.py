@@ -8,6 +8,7 @@ describing its ports and addresses. Both serve until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -74,7 +75,17 @@ def _run_arm(args: argparse.Namespace) -> int:
     return 0
 
 
+def raise_priority(niceness: int = -10) -> None:
+    """Real servos answer within microseconds whatever the host is doing; a simulator starved of CPU for
+    lerobot's 50 ms reply timeout would report motors missing. Ask for a higher priority where allowed."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except PermissionError:
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
+    raise_priority()
     if args.sim_command == "arm":
         return _run_arm(args)
     from zk0.hw.sim.rig import serve_rig  # the rig pulls in the world and renderer

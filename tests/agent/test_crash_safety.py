@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import WRITER, run_writer
+from tests.agent.conftest import WRITER, run_writer
 from lerobot.datasets import LeRobotDataset
 
 from zk0.agent.dataset_store import read_commit

@@ -45,7 +45,7 @@ def test_run_config_reads_the_named_file(tmp_path):
     ("raw", "message"),
     [
         ({"training": {"rounds": 0}}, "training.rounds: must be >= 1"),
-        ({"training": {"rounds": "3"}}, "training.rounds: expected an integer, got '3'"),
+        ({"training": {"rounds": "3"}}, "training.rounds: expected int, got str '3'"),
         ({"training": {"codec": "zip"}}, "training.codec: must be one of"),
         ({"scheduler": {"t0": 0}}, "scheduler.t0 must be >= 1"),
         ({"validation": {"aggregation": "mean"}}, "validation.aggregation: must be one of fedavg"),
