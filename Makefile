@@ -6,7 +6,7 @@ APT_PACKAGES := libsystemd-dev pkg-config ffmpeg
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-slow test-all bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(PY) -m pytest -m slow -q
 
 test-all: setup
 	$(PY) -m pytest -q

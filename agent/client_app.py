@@ -28,9 +28,10 @@ from zk0.learn import codec
 from zk0.learn import stats as fedstats
 from zk0.learn.data import ConcatData, FrameCache, dataset_fingerprint
 from zk0.learn.policy import PolicyBundle
-from zk0.server.evaluation import build_federated_policy, frozen_sha256, held_out_data
-from zk0.server.server_app import INFO_RECORD, STATS_RECORD, stats_from_record, stats_to_record
-from zk0.server.strategy import GLOBAL_SHA256, METRICS_RECORD, UPDATE_RECORD
+from zk0.learn.federation import (
+    GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, STATS_RECORD, UPDATE_RECORD, build_federated_policy, frozen_sha256,
+    held_out_data, stats_from_record, stats_to_record,
+)
 
 app = ClientApp()
 

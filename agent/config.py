@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from zk0.agent.control import DEFAULT_CONTROL_ADDRESS
 from zk0.cli.typed_yaml import ConfigError, build
 
 DEFAULT_DATASETS_ROOT = Path("/var/lib/zk0/datasets")
@@ -79,6 +80,8 @@ class AgentConfig:
     datasets_root: Path = DEFAULT_DATASETS_ROOT
     record: RecordSettings = field(default_factory=RecordSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
+    # ZeroMQ address of this host's control API (zk0ctl); ipc:// paths need a writable directory.
+    control_address: str = DEFAULT_CONTROL_ADDRESS
     # This host's SuperNode settings; `zk0 node` validates them (zk0.agent.node.load_node_settings).
     federation: dict[str, Any] | None = None
 

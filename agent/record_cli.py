@@ -1,8 +1,8 @@
 """`zk0 record`: tele-operated episodes into a local LeRobot dataset (real arms, or the simulated rig with --sim).
 
 Operator controls while recording: type a line on stdin (`s` or Enter: save the episode now, `d`: discard it,
-`r`: re-record it, `q`: save and stop) or send signals (SIGUSR1: save now, SIGUSR2: re-record,
-SIGINT/SIGTERM: save and stop).
+`r`: re-record it, `q`: save and stop), run `zk0ctl save|discard|rerecord|stop|status`, or send signals
+(SIGUSR1: save now, SIGUSR2: re-record, SIGINT/SIGTERM: save and stop).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim", action="store_true", help="record on the simulated rig with the scripted operator")
     parser.add_argument("--seed", type=int, default=0, help="with --sim: seed of the first episode's scene")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--control", metavar="ADDRESS", help="control API address for zk0ctl (default from config)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _record(config, args: argparse.Namespace) -> int:
     from zk0.agent.dataset_store import DatasetError, DatasetIdentity, DatasetStore, EncodingSettings, free_disk_mb
+    from zk0.agent.control import start_control_server
     from zk0.agent.record import OperatorEvents, Recorder, RecordPlan, dataset_features
     from zk0.hw.robots import (
         calibration_hash,
@@ -102,12 +104,17 @@ def _record(config, args: argparse.Namespace) -> int:
             max_relative_target=config.safety.max_relative_target, calibration_hash=calibration_hash(config),
             max_failed_ticks_in_row=config.record.max_failed_ticks_in_row,
         )
-        progress = None if args.no_progress else _ProgressBars(plan)
-        stack.callback(lambda: progress and progress.close())
-        recorder = Recorder(robot, leader, store, follower_limits(robot), plan, events, environment, progress)
+        bars = None if args.no_progress else _ProgressBars(plan)
+        stack.callback(lambda: bars and bars.close())
+        status = SessionStatus(args.dataset, plan, store, bars)
+        control = start_control_server(args.control or config.control_address, CONTROL_COMMANDS,
+                                       status.control_handler(events))
+        if control is not None:
+            stack.callback(control.close)
+        recorder = Recorder(robot, leader, store, follower_limits(robot), plan, events, environment, status)
         summary = recorder.record()
-        if progress:
-            progress.close()
+        if bars:
+            bars.close()
         _print_summary(summary, store, plan)
         if summary.hardware_error:
             print(f"zk0 record: hardware stopped answering, session ended: {summary.hardware_error}; "
@@ -189,6 +196,36 @@ class SimEnvironment:
         success = self.rig.success()
         self.rig.stop_operator()
         return success
+
+
+CONTROL_COMMANDS = ("status", "save", "discard", "rerecord", "stop")
+
+
+class SessionStatus:
+    """What `zk0ctl status` reports about this recording session; fed by the record loop's progress calls."""
+
+    def __init__(self, dataset: str, plan, store, bars=None) -> None:
+        self._dataset, self._plan, self._store, self._bars = dataset, plan, store, bars
+        self.episode: int | None = None
+        self.frames = 0
+
+    def __call__(self, episode_index: int, frames: int) -> None:
+        self.episode, self.frames = episode_index, frames
+        if self._bars is not None:
+            self._bars(episode_index, frames)
+
+    def snapshot(self) -> dict:
+        return {"state": "recording", "dataset": self._dataset, "task": self._plan.task,
+                "episode": self.episode, "frames": self.frames,
+                "committed_episodes": self._store.num_episodes, "episodes_this_session": self._plan.episodes}
+
+    def control_handler(self, events):
+        def handle(command: str) -> dict:
+            if command != "status":
+                events.request(command)
+            return {"accepted": command, **self.snapshot()}
+
+        return handle
 
 
 class _ProgressBars:

@@ -5,23 +5,31 @@ instantiated on torch's 'meta' device (no weights, no downloads). The reference 
 prototype (ivelin/zk0) sends per client per direction each round: the full fp32 state dict, frozen VLM
 included (~450 M parameters, ~1.8 GB). Target: <= 1/16 of that.
 
-`measure(eval_loss_by_codec=...)` is the hook for the federation benchmark: given a function that runs a
-short federated run with a codec and returns the final server eval loss, it adds that loss to each codec's row.
+With `--federated-rounds N`, each codec also runs a short real federation (`zk0 fleet local`: SuperLink +
+two SuperNodes, tiny model, two datasets recorded with `zk0 record --sim` unless `--dataset` is given) and
+reports its final server eval loss, bytes received per round, and whether it lands within 2% of fp32's loss.
+
+  python bench/update_size.py [--federated-rounds 3 [--local-steps 8] [--dataset A --dataset B]]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROTOTYPE_BYTES_PER_ROUND = 1.8e9  # ivelin/zk0: full fp32 state dict per client per direction
 TARGET_FRACTION = 1 / 16
+LOSS_TOLERANCE = 0.02  # a codec's final server eval loss within 2% of fp32's
 
 
 def _smolvla(vlm_shape: Any, on_meta: bool) -> Any:
@@ -93,8 +101,66 @@ def measure(eval_loss_by_codec: Callable[[str], float] | None = None) -> dict[st
     }
     if eval_loss_by_codec is not None:
         result["server_eval_loss"] = {codec: eval_loss_by_codec(codec) for codec in CODECS}
+        fp32 = result["server_eval_loss"]["fp32"]
+        result["within_2pct_of_fp32"] = {c: loss <= fp32 * (1 + LOSS_TOLERANCE)
+                                         for c, loss in result["server_eval_loss"].items()}
     return result
 
 
+def _zk0(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "zk0.cli", *args], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"zk0 {args[0]} failed:\n{result.stderr[-3000:]}")
+
+
+def _record_datasets(root: Path) -> list[Path]:
+    config = Path(__file__).resolve().parents[1] / "configs" / "agent.yaml"
+    for name, task in (("red", "pick the red cube"), ("blue", "push the blue cube left")):
+        _zk0("record", "--sim", "--config", str(config), "--root", str(root), "--dataset", name, "--task", task,
+             "--episodes", "4", "--episode-time-s", "3", "--reset-time-s", "0", "--no-progress")
+    return [root / "red", root / "blue"]
+
+
+class FederatedLoss:
+    """Runs `zk0 fleet local` with one codec; returns the final server eval loss, keeps bytes in per round."""
+
+    def __init__(self, datasets: list[Path], rounds: int, local_steps: int, work: Path) -> None:
+        self.datasets, self.rounds, self.local_steps, self.work = datasets, rounds, local_steps, work
+        self.bytes_in_per_round: dict[str, float] = {}
+
+    def __call__(self, codec: str) -> float:
+        config = self.work / f"server-{codec}.yaml"
+        config.write_text(f"training: {{codec: {codec}, local_steps: {self.local_steps}, batch_size: 4, seed: 0}}\n"
+                          "evaluation: {max_samples: 32}\nscheduler: {base_lr: 1.0e-3, max_lr: 2.0e-3}\n")
+        run_dir = self.work / f"run-{codec}"
+        dataset_args = [arg for d in self.datasets for arg in ("--dataset", str(d))]
+        _zk0("fleet", "local", *dataset_args, "--rounds", str(self.rounds), "--out", str(run_dir),
+             "--model", "tiny", "--config", str(config))
+        history = json.loads((run_dir / "federated_metrics.json").read_text())["rounds"]
+        self.bytes_in_per_round[codec] = sum(r["bytes_in"] for r in history if r["round"] > 0) / self.rounds
+        print(f"{codec}: final server eval loss {history[-1]['server_eval']['loss']:.4f}", file=sys.stderr)
+        return float(history[-1]["server_eval"]["loss"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--federated-rounds", type=int, default=0, help="also run a federation per codec")
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--dataset", action="append", type=Path, help="node dataset (default: two recorded)")
+    args = parser.parse_args()
+    if args.federated_rounds <= 0:
+        print(json.dumps(measure()))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        datasets = args.dataset or _record_datasets(work / "datasets")
+        loss = FederatedLoss(datasets, args.federated_rounds, args.local_steps, work)
+        result = measure(loss)
+        result["federated"] = {"rounds": args.federated_rounds, "local_steps": args.local_steps,
+                               "nodes": len(datasets), "bytes_in_per_round": loss.bytes_in_per_round}
+    print(json.dumps(result))
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure()))
+    sys.exit(main())

@@ -18,32 +18,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from zk0.learn import stats as fedstats
 from zk0.learn.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
 from zk0.learn.policy import load_trainable_state, trainable_state
 from zk0.server.config import ServerConfig, server_config_from_run_config
-from zk0.server.evaluation import EarlyStopping, ServerEvaluator, build_federated_policy, frozen_sha256
+from zk0.learn.federation import (
+    INFO_RECORD, QUERY_STATS, STATS_RECORD, build_federated_policy, frozen_sha256, stats_from_record,
+    stats_to_record,
+)
+from zk0.server.evaluation import EarlyStopping, ServerEvaluator
 from zk0.server.run_dir import RunDir
 from zk0.server.strategy import FederationHistory, Zk0FedProx
 
 log = logging.getLogger("zk0.server")
 
-STATS_RECORD = "norm-stats"
-INFO_RECORD = "info"
-QUERY_STATS = "stats"
 
 app = ServerApp()
-
-
-def stats_to_record(stats: fedstats.SufficientStats) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in stats.to_record().items()})
-
-
-def stats_from_record(record: ArrayRecord) -> fedstats.SufficientStats:
-    return fedstats.SufficientStats.from_record({key: array.numpy() for key, array in record.items()})
 
 
 def agree_normalization(grid: Grid, min_nodes: int, timeout_s: float) -> tuple[fedstats.SufficientStats, list[str]]:

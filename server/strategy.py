@@ -24,14 +24,12 @@ from flwr.serverapp.strategy import FedProx
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from zk0.learn import codec
+from zk0.learn.federation import GLOBAL_SHA256, METRICS_RECORD, UPDATE_RECORD
 from zk0.server.config import ValidationConfig
 from zk0.server.schedule import RoundSchedule, ScheduleConfig, ScheduleState, client_mu, schedule_round
 
 log = logging.getLogger("zk0.server")
 
-UPDATE_RECORD = "update"  # reply key of the encoded update (an ArrayRecord from codec.to_array_record)
-METRICS_RECORD = "metrics"
-GLOBAL_SHA256 = "global-sha256"
 
 
 class UpdateRejected(ValueError):

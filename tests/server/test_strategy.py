@@ -12,9 +12,8 @@ from flwr.app.message.message import make_message
 from zk0.learn import codec
 from zk0.server.config import ValidationConfig
 from zk0.server.schedule import ScheduleConfig
+from zk0.learn.federation import METRICS_RECORD, UPDATE_RECORD
 from zk0.server.strategy import (
-    METRICS_RECORD,
-    UPDATE_RECORD,
     UpdateRejected,
     Zk0FedProx,
     aggregate_states,

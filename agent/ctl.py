@@ -1,0 +1,37 @@
+"""`zk0ctl`: control a running zk0 agent process over its ZeroMQ control API.
+
+  zk0ctl status                 what the agent is doing
+  zk0ctl save|discard|rerecord  end the episode being recorded that way
+  zk0ctl stop                   save the current episode and end the session
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from zk0.agent.control import DEFAULT_CONTROL_ADDRESS, request
+
+COMMANDS = ("status", "save", "discard", "rerecord", "stop")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zk0ctl", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--address", default=os.environ.get("ZK0_CONTROL_ADDRESS", DEFAULT_CONTROL_ADDRESS),
+                        help="agent control address (default: $ZK0_CONTROL_ADDRESS or %(default)s)")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the agent")
+    args = parser.parse_args(argv)
+    try:
+        reply = request(args.address, args.command, args.timeout)
+    except TimeoutError as exc:
+        print(f"zk0ctl: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"zk0ctl: {reply.get('error', 'the agent refused the command')}", file=sys.stderr)
+        return 2
+    reply.pop("ok")
+    print(json.dumps(reply, indent=2))
+    return 0
