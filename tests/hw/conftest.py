@@ -52,3 +52,30 @@ def sim_arm(tmp_path: Path) -> Iterator[Callable[..., str]]:
     yield start
     for process in processes:
         stop(process)
+
+
+def connect_retrying(device, attempts: int = 3) -> None:
+    """Connect a lerobot robot, teleoperator or bus, retrying like zk0's recorder (hw.robots).
+
+    lerobot's connect handshake pings each motor once and never retries, so a single status packet lost on
+    the pty fails the whole connect; in long test runs the simulator occasionally answers a first contact
+    after the client's timeout (see NOTES.md, open items)."""
+    bus = getattr(device, "bus", device)
+    for attempt in range(1, attempts + 1):
+        try:
+            device.connect()
+            return
+        except (ConnectionError, RuntimeError):
+            if bus.port_handler.is_open:
+                bus.port_handler.closePort()
+            if attempt == attempts:
+                raise
+
+
+def ping_retrying(packet, port, servo_id: int, attempts: int = 3) -> tuple[int, int, int]:
+    """The SDK's ping with the bounded retry every Feetech client uses (lerobot: `num_retry`)."""
+    for _ in range(attempts):
+        model, result, error = packet.ping(port, servo_id)
+        if result == 0:
+            break
+    return model, result, error

@@ -22,6 +22,7 @@ from zk0.hw.sim.feetech import (
     step_toward,
 )
 from zk0.hw.sim.pty_bus import LinkConfig, PtyBusServer
+from tests.hw.conftest import ping_retrying
 
 PRESENT = CONTROL_TABLE["Present_Position"][0]
 GOAL = CONTROL_TABLE["Goal_Position"][0]
@@ -163,8 +164,7 @@ def test_external_program_drives_sim_arm_process(sim_arm):
     """Done-when: an outside program opens `zk0 sim arm --print-port` with the SDK and moves joint 1."""
     port, packet = open_sdk(sim_arm("follower"))
     for servo_id in range(1, 7):
-        model, result, error = packet.ping(port, servo_id)
-        assert (model, result, error) == (777, scs.COMM_SUCCESS, 0)
+        assert ping_retrying(packet, port, servo_id) == (777, scs.COMM_SUCCESS, 0)
     start = packet.read2ByteTxRx(port, 1, PRESENT)[0]
     assert packet.write1ByteTxRx(port, 1, TORQUE, 1) == (scs.COMM_SUCCESS, 0)
     assert packet.write2ByteTxRx(port, 1, GOAL, start + 600) == (scs.COMM_SUCCESS, 0)

@@ -24,6 +24,7 @@ from zk0.hw.sim.calibration import (
 )
 from zk0.hw.sim.feetech import ERRBIT_OVERLOAD
 from zk0.hw.sim.pty_bus import PtyBusServer
+from tests.hw.conftest import connect_retrying
 
 
 def no_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,7 +42,7 @@ def test_follower_connects_observes_and_moves(sim_arm, tmp_path, monkeypatch, ro
     robot = make_robot_from_config(
         config_class(port=port, id="sim_follower", calibration_dir=tmp_path / "calibration")
     )
-    robot.connect()
+    connect_retrying(robot)
     try:
         assert robot.is_calibrated
         observation = robot.get_observation()
@@ -68,7 +69,7 @@ def test_leader_connects_without_prompt(sim_arm, tmp_path, monkeypatch, teleop_t
     leader = make_teleoperator_from_config(
         config_class(port=port, id="sim_leader", calibration_dir=tmp_path / "calibration")
     )
-    leader.connect()
+    connect_retrying(leader)
     try:
         assert leader.is_calibrated
         action = leader.get_action()
@@ -102,7 +103,7 @@ def faulty_follower():
     bus = calibrated_arm_bus("follower")
     with PtyBusServer(bus) as server:
         lerobot = lerobot_bus(server.port, "follower")
-        lerobot.connect()
+        connect_retrying(lerobot)
         yield bus, lerobot
         lerobot.port_handler.closePort()
 

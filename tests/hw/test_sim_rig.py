@@ -13,6 +13,7 @@ from lerobot.teleoperators.utils import make_teleoperator_from_config
 from zk0.hw.sim.feetech import ERRBIT_OVERHEAT
 from zk0.hw.sim.rig import RigError, RigHandle, teleoperate_episode
 from zk0.hw.sim.tasks import TASKS
+from tests.hw.conftest import connect_retrying
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def rig(tmp_path_factory):
 def follower(rig, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("lerobot asked for interactive calibration"))
     robot = make_robot_from_config(rig.follower_config(with_cameras=False))
-    robot.connect()
+    connect_retrying(robot)
     yield robot
     rig.inject_faults("follower")  # clear whatever the test injected before disconnecting
     robot.disconnect()
@@ -85,8 +86,8 @@ def test_scripted_operator_completes_tasks_through_lerobot(rig, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("lerobot asked for interactive calibration"))
     robot = make_robot_from_config(rig.follower_config(with_cameras=False))
     leader = make_teleoperator_from_config(rig.leader_config())
-    robot.connect()
-    leader.connect()
+    connect_retrying(robot)
+    connect_retrying(leader)
     tasks = list(TASKS)
     try:
         results = [
