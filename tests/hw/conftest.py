@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,9 +74,17 @@ def connect_retrying(device, attempts: int = 3) -> None:
 
 
 def ping_retrying(packet, port, servo_id: int, attempts: int = 3) -> tuple[int, int, int]:
-    """The SDK's ping with the bounded retry every Feetech client uses (lerobot: `num_retry`)."""
+    """The SDK's ping with the bounded retry every Feetech client uses (lerobot: `num_retry`). Before a retry
+    the input is drained: the raw SDK never flushes it, so a reply that came after its timeout would
+    otherwise answer the next request (the SDK then indexes a short reply and raises IndexError)."""
+    result = model = error = -1
     for _ in range(attempts):
-        model, result, error = packet.ping(port, servo_id)
+        try:
+            model, result, error = packet.ping(port, servo_id)
+        except IndexError:
+            result = -1
         if result == 0:
             break
+        time.sleep(0.05)
+        port.ser.reset_input_buffer()
     return model, result, error
