@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from zk0.agent.record import CAPTURE_TIME
+
 FPS = 30
+JOINTS = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos", "gripper.pos"]
+# The synthetic dataset shape every store test and the writer process use: 6-dim state/action, one small video.
+FEATURES = {
+    "action": {"dtype": "float32", "shape": (6,), "names": JOINTS},
+    "observation.state": {"dtype": "float32", "shape": (6,), "names": JOINTS},
+    "observation.images.front": {"dtype": "video", "shape": (48, 64, 3), "names": ["height", "width", "channels"]},
+    CAPTURE_TIME: {"dtype": "float32", "shape": (1,), "names": None},
+}
 
 # A real writer process: synthetic frames (6-dim state/action, one small video stream) through DatasetStore,
 # episode by episode, with $ZK0_FAULT selecting where it SIGKILLs itself.
@@ -22,15 +32,9 @@ WRITER = textwrap.dedent(
     import numpy as np
     from zk0.agent.dataset_store import DatasetIdentity, DatasetStore, EpisodeMeta
     from zk0.agent.record import CAPTURE_TIME
+    from tests.agent.conftest import FEATURES as features
 
     datasets_root, name, episodes, frames = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    joints = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos", "gripper.pos"]
-    features = {
-        "action": {"dtype": "float32", "shape": (6,), "names": joints},
-        "observation.state": {"dtype": "float32", "shape": (6,), "names": joints},
-        "observation.images.front": {"dtype": "video", "shape": (48, 64, 3), "names": ["height", "width", "channels"]},
-        CAPTURE_TIME: {"dtype": "float32", "shape": (1,), "names": None},
-    }
     store, _ = DatasetStore.open(datasets_root, name, features, 30, DatasetIdentity("test-host", "so101", "cafe"))
     for _ in range(episodes):
         index = store.num_episodes
@@ -58,7 +62,7 @@ def run_writer(datasets_root: Path, name: str, episodes: int, frames: int = 20, 
         env["ZK0_FAULT"] = fault
     return subprocess.run(
         [sys.executable, "-c", WRITER, str(datasets_root), name, str(episodes), str(frames)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
     )
 
 

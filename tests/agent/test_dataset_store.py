@@ -24,13 +24,8 @@ from zk0.agent.dataset_store import (
 )
 from zk0.agent.record import CAPTURE_TIME
 
-JOINTS = ["shoulder_pan.pos", "shoulder_lift.pos", "elbow_flex.pos", "wrist_flex.pos", "wrist_roll.pos", "gripper.pos"]
-FEATURES = {
-    "action": {"dtype": "float32", "shape": (6,), "names": JOINTS},
-    "observation.state": {"dtype": "float32", "shape": (6,), "names": JOINTS},
-    "observation.images.front": {"dtype": "video", "shape": (48, 64, 3), "names": ["height", "width", "channels"]},
-    CAPTURE_TIME: {"dtype": "float32", "shape": (1,), "names": None},
-}
+from tests.agent.conftest import FEATURES
+
 IDENTITY = DatasetIdentity("test-host", "so101", "cafe")
 NAME = "store"
 FRAMES = 10
