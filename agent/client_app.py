@@ -1,21 +1,28 @@
 """The zk0 ClientApp: what a host's SuperNode runs for each federation message.
 
 - query ("stats"): the host's sufficient statistics over its datasets (never frames, never paths);
-- train: load the round's global trainable tensors (digest checked), train with the round's LR and
-  mu, return one encoded update (zk0.learn.codec) with its metrics and a hashed dataset id;
+- train: with an agent address configured, first take a training lease from the host's agent
+  (zk0.agent.lease); refused or unanswered, the node declines the round with the reason instead of
+  training. Then load the round's global trainable tensors (digest checked), train with the round's LR
+  and mu, return one encoded update (zk0.learn.codec) with its metrics and a hashed dataset id. A lease
+  revoked mid-training (an operator started recording) stops training between steps; the steps done
+  so far go out as a partial update (FedProx tolerates partial work, the server weighs it by its
+  examples), or the round is declined if not one step was done;
 - evaluate: check the aggregated model's digest, evaluate it on the local held-out split, and save
   it as a lerobot checkpoint in the host's policy store (`<policy-store>/round_<N>`).
 
 Node settings come from `context.node_config` (see zk0.agent.node): `dataset-roots` (comma-separated),
 `policy-store` (its sibling `frame-cache/` keeps decoded frames across rounds, within `frame-cache-bytes`),
-`device`, and `corrupt-updates` ("nan" or "hash"), a fault-injection drill that
-makes this node send broken updates so an operator can watch the server refuse them.
+`device`, `agent-address` (the agent's control API; empty: train without asking), and `corrupt-updates`
+("nan" or "hash"), a fault-injection drill that makes this node send broken updates so an operator can
+watch the server refuse them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +31,14 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from zk0.agent import lease
 from zk0.learn import codec
 from zk0.learn import stats as fedstats
 from zk0.learn.data import ConcatData, FrameCache, dataset_fingerprint
 from zk0.learn.policy import PolicyBundle
 from zk0.learn.federation import (
-    GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, STATS_RECORD, UPDATE_RECORD, build_federated_policy, frozen_sha256,
-    held_out_data, stats_from_record, stats_to_record,
+    DECLINED, GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, PREEMPTED, STATS_RECORD, UPDATE_RECORD,
+    build_federated_policy, frozen_sha256, held_out_data, stats_from_record, stats_to_record,
 )
 
 app = ClientApp()
@@ -124,8 +132,32 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def declined(msg: Message, reason: str) -> Message:
+    """The reply of a node that does not train this round: no update, only why."""
+    return Message(RecordDict({INFO_RECORD: ConfigRecord({DECLINED: reason})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    address = str(context.node_config.get("agent-address", ""))
+    if not address:
+        return train_round(msg, context, should_stop=lambda: False)
+    held = lease.acquire(address, holder=f"flower node {context.node_id}")
+    if isinstance(held, lease.LeaseRefusal):
+        return declined(msg, f"training lease refused: {held.reason}")
+    with held:
+        reply = train_round(msg, context, held.should_stop)
+    steps = int(reply.content.metric_records[METRICS_RECORD]["steps"])
+    if held.lost_reason is None or steps == int(msg.content.config_records["config"]["local-steps"]):
+        return reply  # lost after the last step, if at all: a complete update
+    if steps == 0:
+        return declined(msg, held.lost_reason)
+    reply.content.config_records[INFO_RECORD][PREEMPTED] = held.lost_reason
+    return reply
+
+
+def train_round(msg: Message, context: Context, should_stop: Callable[[], bool]) -> Message:
+    """Train on the round's global until the step budget is spent or `should_stop()`; the reply with the update."""
     from zk0.learn.trainer import LocalTrainer, TrainerConfig
 
     node = session(context, msg.content)
@@ -135,7 +167,7 @@ def train(msg: Message, context: Context) -> Message:
                            TrainerConfig(batch_size=int(config["batch-size"]),
                                          seed=int(config["seed"]) + 7919 * int(config["server-round"])))
     result = trainer.train(global_state, int(config["local-steps"]), lr=float(config["lr"]),
-                           mu=float(config["proximal-mu"]))
+                           mu=float(config["proximal-mu"]), should_stop=should_stop)
     payload = codec.encode(result.state, str(config["codec"]), base=global_state)
     fault = str(context.node_config.get("corrupt-updates", ""))
     if fault:

@@ -61,6 +61,12 @@ class RecordSettings:
     # Ticks that still fail are dropped and counted; this many in a row means the hardware is gone:
     # the episode in progress is discarded and the session stops, committed episodes untouched.
     max_failed_ticks_in_row: int = 15
+    # SCHED_FIFO priority (1-99) of the control loop while it runs, so encoders and other work never delay
+    # a tick; null runs it at normal priority. Needs root, CAP_SYS_NICE or systemd's LimitRTPRIO.
+    realtime_priority: int | None = 20
+    # Seconds of video per camera that may wait for a busy encoder before the episode is rejected (memory:
+    # fps x seconds x width x height x 3 bytes per camera at worst).
+    encoder_buffer_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,10 @@ def _check_values(config: AgentConfig, source: str) -> None:
         raise ConfigError(f"{source}: record: read_retries must not be negative, max_failed_ticks_in_row at least 1")
     if not 0 < record.min_rate_fraction <= 1:
         raise ConfigError(f"{source}: record.min_rate_fraction: must be in (0, 1], got {record.min_rate_fraction}")
+    if record.realtime_priority is not None and not 1 <= record.realtime_priority <= 99:
+        raise ConfigError(f"{source}: record.realtime_priority: must be 1..99 or null, got {record.realtime_priority}")
+    if record.encoder_buffer_s <= 0:
+        raise ConfigError(f"{source}: record.encoder_buffer_s: must be positive, got {record.encoder_buffer_s}")
     limit = config.safety.max_relative_target
     if limit is not None and limit <= 0:
         raise ConfigError(f"{source}: safety.max_relative_target: must be positive or null, got {limit}")

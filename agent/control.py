@@ -1,8 +1,10 @@
 """The agent's control API: JSON requests over a ZeroMQ REP socket, answered from a background thread.
 
-A request is `{"command": NAME}`; the reply is `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
-Malformed requests get an error reply and never reach the handler, so a stray client cannot disturb a
-recording. `zk0ctl` is the client.
+A request is `{"command": NAME}` or `{"command": NAME, "args": {...}}`; the reply is `{"ok": true, ...}` or
+`{"ok": false, "error": "..."}`. A server declares its commands with, for each, the function that checks its
+arguments (none: the command takes no arguments). Malformed requests, unknown commands and malformed
+arguments get an error reply and never reach the handler, so a stray client cannot disturb a recording.
+`zk0ctl` is the command-line client; `request()` is the one function every client goes through.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -18,30 +21,57 @@ import zmq
 DEFAULT_CONTROL_ADDRESS = "ipc:///run/zk0/agent.sock"
 log = logging.getLogger("zk0.agent.control")
 
-Handler = Callable[[str], dict[str, Any]]
+# Checks a command's "args" object and returns what the handler gets; raises ValueError naming the fault.
+ArgsCheck = Callable[[Mapping[str, Any]], Any]
+# Command names (none takes arguments), or each name with its argument check (None: takes no arguments).
+Commands = Iterable[str] | Mapping[str, ArgsCheck | None]
 
 
-def parse_request(raw: bytes, commands: Iterable[str]) -> str:
-    """The command named by a raw request, or ValueError saying what is wrong with it."""
+@dataclass(frozen=True)
+class Request:
+    """A well-formed request: the command and what its argument check returned ({} for a command without)."""
+
+    command: str
+    args: Any = field(default_factory=dict)
+
+
+Handler = Callable[[Request], dict[str, Any]]
+
+
+def command_table(commands: Commands) -> dict[str, ArgsCheck | None]:
+    return dict(commands) if isinstance(commands, Mapping) else dict.fromkeys(commands)
+
+
+def parse_request(raw: bytes, commands: Commands) -> Request:
+    """The request in `raw` with its arguments checked, or ValueError saying what is wrong with it."""
     try:
         request = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError("request is not JSON") from None
     if not isinstance(request, dict) or not isinstance(request.get("command"), str):
         raise ValueError('request must be an object with a string "command"')
-    known = sorted(commands)
-    if request["command"] not in known:
-        raise ValueError(f"unknown command {request['command']!r} (known: {', '.join(known)})")
-    return request["command"]
+    table = command_table(commands)
+    command = request["command"]
+    if command not in table:
+        raise ValueError(f"unknown command {command!r} (known: {', '.join(sorted(table))})")
+    args = request.get("args", {})
+    if not isinstance(args, dict):
+        raise ValueError(f'{command}: "args" must be an object')
+    check = table[command]
+    if check is None:
+        if args:
+            raise ValueError(f"{command}: takes no arguments (got {', '.join(sorted(args))})")
+        return Request(command)
+    return Request(command, check(args))
 
 
 class ControlServer:
     """Serves `handler` for `commands` at `address` until closed. Binding failures are reported, not fatal:
     the agent's own work goes on without remote control."""
 
-    def __init__(self, address: str, commands: Iterable[str], handler: Handler) -> None:
+    def __init__(self, address: str, commands: Commands, handler: Handler) -> None:
         self.address = address
-        self._commands = frozenset(commands)
+        self._commands = command_table(commands)
         self._handler = handler
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.REP)
@@ -74,7 +104,7 @@ class ControlServer:
         self._context.term()
 
 
-def start_control_server(address: str, commands: Iterable[str], handler: Handler) -> ControlServer | None:
+def start_control_server(address: str, commands: Commands, handler: Handler) -> ControlServer | None:
     """A ControlServer, or None with a logged warning when the address cannot be bound."""
     try:
         return ControlServer(address, commands, handler)
@@ -83,14 +113,15 @@ def start_control_server(address: str, commands: Iterable[str], handler: Handler
         return None
 
 
-def request(address: str, command: str, timeout_s: float = 2.0) -> dict[str, Any]:
-    """Send one command and return the reply; TimeoutError when nothing answers at `address`."""
+def request(address: str, command: str, timeout_s: float = 2.0, args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Send one command (with `args`, if any) and return the reply; TimeoutError when nothing answers at `address`."""
     context = zmq.Context()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     try:
         socket.connect(address)
-        socket.send_string(json.dumps({"command": command}))
+        # Argument-free commands go out exactly as before, so agents predating "args" still understand them.
+        socket.send_string(json.dumps({"command": command, **({"args": dict(args)} if args else {})}))
         if not socket.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"no zk0 agent answering at {address}")
         return json.loads(socket.recv())

@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 from lerobot.datasets import LeRobotDataset
 from lerobot.datasets.utils import DEFAULT_TASKS_PATH, INFO_PATH, STATS_PATH
 
+from zk0.hw.realtime import threads_without_realtime
+
 ZK0_META_PATH = "meta/zk0.json"
 ZK0_META_FORMAT = 1
 # Seconds of slack between an episode's video span and its video file's duration.
@@ -128,15 +130,18 @@ class Inspection:
     referenced: set[Path]  # files that episodes 0..intact-1 live in
 
 
-def inspect_dataset(root: Path, expected_episodes: int) -> Inspection:
-    """Check episodes 0..expected_episodes-1 in order and stop at the first inconsistent one."""
+def inspect_dataset(root: Path, expected_episodes: int, first: int = 0) -> Inspection:
+    """Check episodes first..expected_episodes-1 in order and stop at the first inconsistent one
+    (`referenced` then only names the files of the episodes checked)."""
     info = json.loads((root / INFO_PATH).read_text())
     rows = _episode_rows(root)
     data_cache: dict[Path, pd.DataFrame | None] = {}
     video_cache: dict[Path, float | None] = {}
     referenced: set[Path] = set()
-    next_frame = 0
-    for index in range(expected_episodes):
+    if first and first - 1 not in rows:
+        return Inspection(first, f"episode {first - 1}: no metadata row", referenced)
+    next_frame = rows[first - 1]["dataset_to_index"] if first else 0
+    for index in range(first, expected_episodes):
         row = rows.get(index)
         if row is None:
             return Inspection(index, f"episode {index}: no metadata row", referenced)
@@ -398,12 +403,20 @@ def free_disk_mb(path: Path) -> float:
 class EncodingSettings:
     video_codec: str = "libsvtav1"
     encoder_threads: int | None = None
+    # Frames per camera that may wait for the encoder (lerobot's encoder queue). lerobot drops frames
+    # when it is full; zk0 then rejects the episode (see `commit_episode`), so size it for the backlog
+    # a busy host builds over an episode.
+    queue_frames: int = 300
+
+
+class EpisodeRejected(DatasetError):
+    """The episode was saved incomplete (e.g. the video encoder dropped frames) and was rolled back."""
 
 
 class DatasetStore:
     """One named dataset, committed episode by episode.
 
-    Usage: `store = DatasetStore.open(...)`, then per episode `store.writer()` (add frames), and
+    Usage: `store = DatasetStore.open(...)`, then per episode `store.add_frame(frame)` for each frame, and
     `store.commit_episode(meta)` or `store.discard_episode()`; `store.close()` at the end.
     """
 
@@ -467,6 +480,19 @@ class DatasetStore:
             self._dataset = LeRobotDataset.resume(self.repo_id, root=self.root, **_writer_kwargs(self._encoding))
         return self._dataset
 
+    @property
+    def features(self) -> dict:
+        return self.writer().features
+
+    def add_frame(self, frame: dict) -> None:
+        dataset = self.writer()
+        if dataset.has_pending_frames():
+            dataset.add_frame(frame)
+            return
+        # The first frame starts lerobot's encoder threads: keep SVT-AV1 from making them SCHED_FIFO 99.
+        with threads_without_realtime():
+            dataset.add_frame(frame)
+
     def discard_episode(self) -> None:
         if self._dataset is not None and self._dataset.has_pending_frames():
             self._dataset.clear_episode_buffer()
@@ -482,6 +508,10 @@ class DatasetStore:
         dataset.finalize()
         self._dataset = None
         fault_point("after_finalize")
+        saved = inspect_dataset(self.root, self.num_episodes + 1, first=self.num_episodes)
+        if saved.problem:
+            check_and_repair(self.root)
+            raise EpisodeRejected(f"{saved.problem}; the episode was rolled back, committed episodes are intact")
         _fsync_tree(self.root)
         record = snapshot_commit(self.root, self.identity, [*self._record.episodes, meta], self._record.adopted)
         write_commit(self.root, record)
@@ -501,6 +531,7 @@ def _writer_kwargs(encoding: EncodingSettings) -> dict[str, Any]:
     return {
         "streaming_encoding": True,
         "encoder_threads": encoding.encoder_threads,
+        "encoder_queue_maxsize": encoding.queue_frames,
         "rgb_encoder": RGBEncoderConfig(vcodec=encoding.video_codec),
     }
 

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Protocol
 
 import numpy as np
@@ -31,7 +32,13 @@ from lerobot.utils.constants import ACTION, OBS_STR
 from lerobot.utils.feature_utils import build_dataset_frame, hw_to_dataset_features
 from lerobot.utils.robot_utils import precise_sleep
 
-from zk0.agent.dataset_store import DatasetStore, EpisodeMeta, fault_point, free_disk_mb
+from zk0.agent.dataset_store import (
+    EpisodeMeta,
+    EpisodeRejected,
+    fault_point,
+    free_disk_mb,
+)
+from zk0.hw.realtime import realtime, shorten_gil_slices
 from zk0.hw.safety import JointLimits, clamp_target
 
 CAPTURE_TIME = "capture_time_s"
@@ -162,6 +169,21 @@ class RealWorld:
 # ---------------------------------------------------------------- the recorder
 
 
+class EpisodeStore(Protocol):
+    """Where episodes go: `DatasetStore` in-process, or `WriterProcess` (the same store in a child process)."""
+
+    root: Path
+    features: dict
+    num_episodes: int
+
+    def add_frame(self, frame: dict) -> None: ...
+
+    def commit_episode(self, meta: EpisodeMeta) -> None:
+        """Raises `EpisodeRejected` when the saved episode is incomplete (it is rolled back)."""
+
+    def discard_episode(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class RecordPlan:
     task: str
@@ -174,6 +196,7 @@ class RecordPlan:
     max_relative_target: float | None
     calibration_hash: str
     max_failed_ticks_in_row: int = 15
+    realtime_priority: int | None = None  # SCHED_FIFO priority of the loop while it runs; None: normal
 
 
 class HardwareLost(ConnectionError):
@@ -186,7 +209,7 @@ class SessionSummary:
     discarded: int = 0
     rerecorded: int = 0
     stopped_for_disk: bool = False
-    hardware_error: str | None = None  # why the session stopped early; the episode in progress was discarded
+    stopped_early: str | None = None  # why the session ended before its episodes; the episode in progress is not saved
     timings: list[TickTiming] = field(default_factory=list)
 
 
@@ -195,7 +218,7 @@ class Recorder:
         self,
         robot: Robot,
         leader: Teleoperator,
-        store: DatasetStore,
+        store: EpisodeStore,
         limits: JointLimits,
         plan: RecordPlan,
         events: OperatorEvents,
@@ -211,9 +234,10 @@ class Recorder:
         self.environment = environment or RealWorld()
         self._progress = progress
         self._joint_keys = [f"{name}.pos" for name in limits.names]
-        self._features = store.writer().features
+        self._features = store.features
 
     def record(self) -> SessionSummary:
+        shorten_gil_slices()
         summary = SessionSummary()
         while len(summary.saved) < self.plan.episodes and not self.events.stop:
             if free_disk_mb(self.store.root) < self.plan.min_free_disk_mb:
@@ -226,7 +250,7 @@ class Recorder:
                 ending, timing, low_disk = self._run_phase(self.plan.episode_time_s, record=True, episode_index=index)
             except HardwareLost as error:
                 self.store.discard_episode()
-                summary.hardware_error = str(error)
+                summary.stopped_early = f"hardware stopped answering: {error}"
                 break
             success = self.environment.end_episode()
             summary.timings.append(timing)
@@ -243,7 +267,12 @@ class Recorder:
                     slow=is_slow(timing.achieved_fps, self.plan.fps, self.plan.min_rate_fraction),
                     calibration_hash=self.plan.calibration_hash, seed=seed, success=success,
                 )
-                self.store.commit_episode(meta)
+                try:
+                    self.store.commit_episode(meta)
+                except EpisodeRejected as error:
+                    # The host cannot encode what it records: more episodes would meet the same fate.
+                    summary.stopped_early = f"the video encoder could not keep up, episode {index} was rolled back: {error}"
+                    break
                 summary.saved.append(meta)
             if summary.stopped_for_disk:
                 break
@@ -252,7 +281,7 @@ class Recorder:
                 try:
                     self._run_phase(self.plan.reset_time_s, record=False, episode_index=index)
                 except HardwareLost as error:
-                    summary.hardware_error = str(error)
+                    summary.stopped_early = f"hardware stopped answering: {error}"
                     break
         return summary
 
@@ -262,59 +291,59 @@ class Recorder:
         # Ticks are at least a period apart, so a phase of `duration_s` holds at most this many.
         n_max = int(np.ceil(duration_s * self.plan.fps)) + 1
         starts, deadlines, ends = np.empty(n_max), np.empty(n_max), np.empty(n_max)
-        dataset = self.store.writer() if record else None
         ending, low_disk = None, False
         first = time.perf_counter()
         deadline = first
         next_disk_check = first + DISK_CHECK_PERIOD_S
         n = failed = failed_in_row = 0
-        # The phase lasts `duration_s` of wall time: a slow loop records fewer frames, never a longer episode.
-        while deadline - first < duration_s - 1e-9 and n < n_max:
-            precise_sleep(deadline - time.perf_counter())
-            start = time.perf_counter()
-            try:
-                self._tick(dataset, start - first)
-            except TRANSIENT_HARDWARE_ERRORS as error:
-                failed += 1
-                failed_in_row += 1
-                if failed_in_row >= self.plan.max_failed_ticks_in_row:
-                    raise HardwareLost(f"{failed_in_row} ticks in a row failed, the last with: {error}") from error
-                logger.warning("tick dropped (%d in a row): %s", failed_in_row, error)
+        with realtime(self.plan.realtime_priority):
+            # The phase lasts `duration_s` of wall time: a slow loop records fewer frames, never a longer episode.
+            while deadline - first < duration_s - 1e-9 and n < n_max:
+                precise_sleep(deadline - time.perf_counter())
+                start = time.perf_counter()
+                try:
+                    self._tick(record, start - first)
+                except TRANSIENT_HARDWARE_ERRORS as error:
+                    failed += 1
+                    failed_in_row += 1
+                    if failed_in_row >= self.plan.max_failed_ticks_in_row:
+                        raise HardwareLost(f"{failed_in_row} ticks in a row failed, the last with: {error}") from error
+                    logger.warning("tick dropped (%d in a row): %s", failed_in_row, error)
+                    end = time.perf_counter()
+                    deadline = max(deadline + period, end)
+                    continue
+                failed_in_row = 0
                 end = time.perf_counter()
-                deadline = max(deadline + period, end)
-                continue
-            failed_in_row = 0
-            end = time.perf_counter()
-            starts[n], deadlines[n], ends[n] = start, deadline, end
-            n += 1
-            if record and n == 10:
-                fault_point("mid_episode")
-            ending = self.events.take_ending()
-            if ending:
-                break
-            if end >= next_disk_check:
-                next_disk_check = end + DISK_CHECK_PERIOD_S
-                if record and free_disk_mb(self.store.root) < self.plan.min_free_disk_mb:
-                    low_disk = True
+                starts[n], deadlines[n], ends[n] = start, deadline, end
+                n += 1
+                if record and n == 10:
+                    fault_point("mid_episode")
+                ending = self.events.take_ending()
+                if ending:
                     break
-                if self._progress:
-                    self._progress(episode_index, n)
-            # A late tick moves the schedule rather than bursting to catch up: a burst would capture
-            # frames closer together than the fps the dataset claims.
-            deadline = max(deadline + period, end)
+                if end >= next_disk_check:
+                    next_disk_check = end + DISK_CHECK_PERIOD_S
+                    if record and free_disk_mb(self.store.root) < self.plan.min_free_disk_mb:
+                        low_disk = True
+                        break
+                    if self._progress:
+                        self._progress(episode_index, n)
+                # A late tick moves the schedule rather than bursting to catch up: a burst would capture
+                # frames closer together than the fps the dataset claims.
+                deadline = max(deadline + period, end)
         return ending, tick_timing(starts[:n], deadlines[:n], ends[:n], period, failed), low_disk
 
-    def _tick(self, dataset, capture_time_s: float) -> None:
+    def _tick(self, record: bool, capture_time_s: float) -> None:
         observation = self.robot.get_observation()
         target = self.leader.get_action()
         present = np.fromiter((observation[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
         wanted = np.fromiter((target[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
         safe = clamp_target(wanted, present, self.limits, self.plan.max_relative_target)
         sent = self.robot.send_action(dict(zip(self._joint_keys, safe.tolist(), strict=True)))
-        if dataset is None:
+        if not record:
             return
         frame = build_dataset_frame(self._features, observation, prefix=OBS_STR)
         frame[ACTION] = np.fromiter((sent[k] for k in self._joint_keys), dtype=np.float32, count=len(self._joint_keys))
         frame[CAPTURE_TIME] = np.array([capture_time_s], dtype=np.float32)
         frame["task"] = self.plan.task
-        dataset.add_frame(frame)
+        self.store.add_frame(frame)

@@ -14,6 +14,9 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from zk0.agent import lease
+from zk0.agent.control import Request
+
 DEFAULT_CONFIG = Path("configs/agent.yaml")
 
 
@@ -34,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from zk0.agent.config import ConfigError, load_config
     from zk0.agent.dataset_store import DatasetError
+    from zk0.agent.writer_process import WriterDied
     from zk0.hw.robots import CalibrationError
 
     if args.episodes <= 0:
@@ -50,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--episode-time-s must be positive and --reset-time-s not negative")
         config = dataclasses.replace(config, record=settings, datasets_root=args.root or config.datasets_root)
         return _record(config, args)
+    except WriterDied as exc:
+        print(f"zk0 record: {exc}", file=sys.stderr)
+        return 1
     except (ConfigError, DatasetError, CalibrationError) as exc:
         print(f"zk0 record: {exc}", file=sys.stderr)
         return 2
@@ -60,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _record(config, args: argparse.Namespace) -> int:
-    from zk0.agent.dataset_store import DatasetError, DatasetIdentity, DatasetStore, EncodingSettings, free_disk_mb
+    from zk0.agent.dataset_store import DatasetError, DatasetIdentity, EncodingSettings, free_disk_mb
+    from zk0.agent.writer_process import WriterProcess
     from zk0.agent.control import start_control_server
     from zk0.agent.record import OperatorEvents, Recorder, RecordPlan, dataset_features
     from zk0.hw.robots import (
@@ -82,10 +90,12 @@ def _record(config, args: argparse.Namespace) -> int:
         if args.sim:
             config, environment = _start_sim(config, args, stack)
         robot, leader = make_follower(config), make_leader(config)
-        store, repair = DatasetStore.open(
+        # Opened before any thread starts: the writer is a forked child process (see zk0.agent.writer_process).
+        store, repair = WriterProcess.open(
             root, args.dataset, dataset_features(robot), config.record.fps,
             DatasetIdentity(config.host_id, config.robot_type, calibration_hash(config)),
-            EncodingSettings(config.record.video_codec, config.record.encoder_threads),
+            EncodingSettings(config.record.video_codec, config.record.encoder_threads,
+                             queue_frames=int(config.record.encoder_buffer_s * config.record.fps)),
         )
         stack.callback(store.close)
         if repair and repair.removed:
@@ -103,6 +113,7 @@ def _record(config, args: argparse.Namespace) -> int:
             min_rate_fraction=config.record.min_rate_fraction, min_free_disk_mb=config.record.min_free_disk_mb,
             max_relative_target=config.safety.max_relative_target, calibration_hash=calibration_hash(config),
             max_failed_ticks_in_row=config.record.max_failed_ticks_in_row,
+            realtime_priority=config.record.realtime_priority,
         )
         bars = None if args.no_progress else _ProgressBars(plan)
         stack.callback(lambda: bars and bars.close())
@@ -116,9 +127,9 @@ def _record(config, args: argparse.Namespace) -> int:
         if bars:
             bars.close()
         _print_summary(summary, store, plan)
-        if summary.hardware_error:
-            print(f"zk0 record: hardware stopped answering, session ended: {summary.hardware_error}; "
-                  f"the episode in progress was discarded, {store.num_episodes} committed episodes are intact", file=sys.stderr)
+        if summary.stopped_early:
+            print(f"zk0 record: session ended early: {summary.stopped_early}; "
+                  f"{store.num_episodes} committed episodes are intact", file=sys.stderr)
             return 1
         return 3 if summary.stopped_for_disk else 0
 
@@ -198,7 +209,8 @@ class SimEnvironment:
         return success
 
 
-CONTROL_COMMANDS = ("status", "save", "discard", "rerecord", "stop")
+# Argument-free session commands, plus the lease commands: a node asking to train is refused while this records.
+CONTROL_COMMANDS = {**dict.fromkeys(("status", "save", "discard", "rerecord", "stop")), **lease.COMMANDS}
 
 
 class SessionStatus:
@@ -220,10 +232,13 @@ class SessionStatus:
                 "committed_episodes": self._store.num_episodes, "episodes_this_session": self._plan.episodes}
 
     def control_handler(self, events):
-        def handle(command: str) -> dict:
-            if command != "status":
-                events.request(command)
-            return {"accepted": command, **self.snapshot()}
+        def handle(request: Request) -> dict:
+            if request.command in lease.COMMANDS:
+                # The machine is busy recording: no training now, and a lease granted before is void.
+                return lease.busy_reply(request, "recording in progress")
+            if request.command != "status":
+                events.request(request.command)
+            return {"accepted": request.command, **self.snapshot()}
 
         return handle
 

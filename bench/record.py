@@ -137,6 +137,8 @@ def main() -> int:
     print(json.dumps({
         "seconds": args.seconds, "fps": args.fps, "cameras": f"2x {args.width}x{args.height}",
         "load_average_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
+        # As root, SVT-AV1 runs its encoder threads SCHED_FIFO 99 (lerobot-record's too) and zk0's loop is real-time.
+        "root": os.geteuid() == 0,
         "zk0_record": zk0, "lerobot_record": lerobot,
         "ratios_zk0_over_lerobot": {
             "on_time_fraction": zk0["on_time_fraction"] / lerobot["on_time_fraction"] if lerobot["on_time_fraction"] else None,

@@ -28,6 +28,11 @@ GLOBAL_SHA256 = "global-sha256"
 STATS_RECORD = "norm-stats"
 INFO_RECORD = "info"
 QUERY_STATS = "stats"
+# Keys of a train reply's INFO_RECORD. A node that does not train this round (its agent refused the training
+# lease) answers with only INFO_RECORD {DECLINED: reason}; one whose lease was revoked mid-training sends the
+# update of the steps it did, with {PREEMPTED: reason} (its metrics count the steps actually done).
+DECLINED = "declined"
+PREEMPTED = "preempted"
 
 
 def stats_to_record(stats: fedstats.SufficientStats) -> ArrayRecord:

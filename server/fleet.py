@@ -28,6 +28,7 @@ from zk0.server.launch import (
     wait_for_run,
     write_app_dir,
 )
+from zk0.server.run_dir import outcome_summary
 
 
 @dataclass
@@ -38,6 +39,7 @@ class LocalFleet:
     node_settings: list[NodeSettings] = field(default_factory=list)
     superlink: ManagedProcess | None = None
     supernodes: list[ManagedProcess] = field(default_factory=list)
+    node_ids: dict[str, int] = field(default_factory=dict)  # by node name, as the SuperLink registered them
     spec: SuperLinkSpec | None = None
     cli: FlowerCli | None = None
 
@@ -55,11 +57,11 @@ class LocalFleet:
         self.superlink = start_superlink(self.spec, self.work_dir / "logs" / "superlink.log")
 
     def add_node(self, name: str, datasets: list[Path], policy_store: Path,
-                 extra_node_config: Mapping[str, RunConfigValue] | None = None) -> None:
-        """Make and register a key pair for `name`, then start its SuperNode."""
+                 extra_node_config: Mapping[str, RunConfigValue] | None = None) -> int:
+        """Make and register a key pair for `name`, then start its SuperNode; returns its node id."""
         assert self.spec is not None and self.cli is not None, "start_superlink() first"
         ensure_federation_keys(self.certs, [], [name])
-        self.cli.register_node(self.certs.node_public_key(name), name=name)
+        self.node_ids[name] = self.cli.register_node(self.certs.node_public_key(name), name=name)
         settings = NodeSettings(
             superlink=self.spec.address, datasets=datasets, policy_store=policy_store,
             root_certificates=self.certs.ca_cert, auth_private_key=self.certs.node_private_key(name),
@@ -70,6 +72,17 @@ class LocalFleet:
             f"supernode-{name}", supernode_command(settings, runtime_port=free_port()),
             self.work_dir / "logs" / f"supernode-{name}.log",
         ))
+        return self.node_ids[name]
+
+    def wait_until_online(self, timeout_s: float = 120.0) -> None:
+        """Block until every started SuperNode has connected, so the run's first query reaches them all."""
+        assert self.cli is not None, "start_superlink() first"
+        deadline = time.monotonic() + timeout_s
+        while (offline := set(self.node_ids.values()) - {n for n, s in self.cli.node_statuses().items() if s == "online"}):
+            if time.monotonic() > deadline:
+                raise LaunchError(f"SuperNodes {sorted(offline)} did not connect within {timeout_s:.0f} s; "
+                                  f"see {self.work_dir / 'logs'}")
+            time.sleep(1.0)
 
     def run(self, run_config: Mapping[str, RunConfigValue], timeout_s: float,
             components: Mapping[str, str] = ZK0_COMPONENTS, on_poll: Callable[[], None] | None = None,
@@ -113,13 +126,12 @@ class RoundProgress:
             return
         for entry in rounds[self.printed:]:
             server_loss = entry.get("server_eval", {}).get("loss")
-            clients = len(entry.get("clients", {}))
             loss_text = f"{server_loss:.4f}" if isinstance(server_loss, (int, float)) else "n/a"
             if entry["round"] == 0:
                 print(f"round 0 (initial model): server eval loss {loss_text}", flush=True)
                 continue
-            rejected = sum(not c.get("accepted") for c in entry.get("clients", {}).values())
-            print(f"round {entry['round']}/{self.rounds}: {clients - rejected}/{clients} updates accepted, "
+            outcomes = outcome_summary([c.get("outcome", "") for c in entry.get("clients", {}).values()])
+            print(f"round {entry['round']}/{self.rounds}: {outcomes}, "
                   f"server eval loss {loss_text}, lr {entry['lr']:.3g}, mu {entry['mu']:.3g}", flush=True)
         self.printed = len(rounds)
 
@@ -168,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
             if args.drill_corrupt_node:
                 fleet.add_node("drill", [args.dataset[0].resolve()], out / "fleet" / "drill" / "policies",
                                extra_node_config={"corrupt-updates": args.drill_corrupt_node})
+            fleet.wait_until_online()
             print(f"fleet: SuperLink {fleet.spec.address} (TLS, node auth) + {len(fleet.supernodes)} SuperNodes", flush=True)
             status = fleet.run(config.run_config(args.config.resolve() if args.config else None),
                                timeout_s=args.timeout, on_poll=RoundProgress(out / "federated_metrics.json", args.rounds))

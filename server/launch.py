@@ -216,6 +216,10 @@ class FlowerCli:
         extra = ["--name", name] if name else []
         return int(self._json("supernode", "register", str(public_key), *extra)["node-id"])
 
+    def node_statuses(self) -> dict[int, str]:
+        """Each registered SuperNode's status ('registered', 'online', 'offline', ...) by node id."""
+        return {int(n["node-id"]): str(n["status"]) for n in self._json("supernode", "ls")["nodes"]}
+
     def start_run(self, app_dir: Path) -> int:
         return int(self._json("run", str(app_dir))["run-id"])
 

@@ -1,8 +1,9 @@
 """A federated run's directory: what a user keeps, and what a restarted server resumes from.
 
-    RUN/federated_metrics.json        per round: per-client and aggregated train metrics, rejected
-                                      updates with reasons, server eval, lr, mu, bytes in and out;
-                                      plus the schedule history a resumed run continues with
+    RUN/federated_metrics.json        per round: per-client outcome (accepted, rejected, declined, lost,
+                                      failed, no reply) with its reason and train metrics, aggregated
+                                      train metrics, server eval, lr, mu, bytes in and out; plus the
+                                      schedule history a resumed run continues with
     RUN/round_<N>_server_eval.json    the server evaluation after round N (0: the initial model)
     RUN/checkpoints/round_<N>/        the global policy (lerobot save_pretrained + zk0.json + stats)
     RUN/plots/*.png                   server eval loss, client train losses, lr and mu per round
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,13 @@ from typing import Any
 import numpy as np
 
 METRICS_FILE = "federated_metrics.json"
+
+
+def outcome_summary(outcomes: Sequence[str]) -> str:
+    """One round's client outcomes for a log or progress line: '2/3 updates accepted, 1 lost'."""
+    counts = Counter(outcomes)
+    accepted = counts.pop("accepted", 0)
+    return ", ".join([f"{accepted}/{len(outcomes)} updates accepted", *(f"{n} {o}" for o, n in sorted(counts.items()))])
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -30,8 +30,8 @@ from zk0.learn.federation import (
     stats_to_record,
 )
 from zk0.server.evaluation import EarlyStopping, ServerEvaluator
-from zk0.server.run_dir import RunDir
-from zk0.server.strategy import FederationHistory, Zk0FedProx
+from zk0.server.run_dir import RunDir, outcome_summary
+from zk0.server.strategy import FederationHistory, Zk0FedProx, wait_for_nodes
 
 log = logging.getLogger("zk0.server")
 
@@ -41,9 +41,7 @@ app = ServerApp()
 
 def agree_normalization(grid: Grid, min_nodes: int, timeout_s: float) -> tuple[fedstats.SufficientStats, list[str]]:
     """Ask every connected node (at least `min_nodes`) for its statistics and combine them exactly."""
-    while len(node_ids := list(grid.get_node_ids())) < min_nodes:
-        log.info("waiting for nodes: %d connected, %d needed", len(node_ids), min_nodes)
-        time.sleep(1.0)
+    node_ids = wait_for_nodes(grid, min_nodes)
     query = [Message(RecordDict({"config": ConfigRecord({"query": QUERY_STATS})}), message_type=MessageType.QUERY,
                      dst_node_id=node_id) for node_id in node_ids]
     by_dataset: dict[str, fedstats.SufficientStats] = {}
@@ -66,8 +64,8 @@ def agree_normalization(grid: Grid, min_nodes: int, timeout_s: float) -> tuple[f
 
 def _client_entries(strategy: Zk0FedProx) -> dict[str, dict[str, Any]]:
     assert strategy.current is not None
-    return {str(c.node_id): {"lr": c.lr, "mu": c.mu, "accepted": c.accepted, "rejected_reason": c.rejected_reason,
-                             "bytes_in": c.bytes_in, "metrics": c.metrics}
+    return {str(c.node_id): {"lr": c.lr, "mu": c.mu, "outcome": str(c.outcome), "reason": c.reason,
+                             "accepted": c.accepted, "bytes_in": c.bytes_in, "metrics": c.metrics}
             for c in strategy.current.clients.values()}
 
 
@@ -142,8 +140,8 @@ def run_federation(grid: Grid, config: ServerConfig) -> int:
             "seconds": time.monotonic() - started,
         }
         checkpoint(server_round, entry)
-        log.info("round %d: server eval loss %.4f, %d/%d updates accepted", server_round, server_eval["loss"],
-                 sum(c.accepted for c in record.clients.values()), len(record.clients))
+        log.info("round %d: server eval loss %.4f, %s", server_round, server_eval["loss"],
+                 outcome_summary([c.outcome for c in record.clients.values()]))
         if stopper.should_stop(history.eval_losses):
             log.info("early stop after round %d: no improvement in %d rounds", server_round, stopper.patience)
             return server_round

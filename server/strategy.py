@@ -7,29 +7,71 @@ global's SHA-256; a node answers with one self-checking payload. Before anything
 payload is decoded against the round's global (framing, SHA-256, keys, shapes, dtypes, delta base,
 finite values) and its distance to the global is bounded; a refused update is dropped with its
 reason logged and recorded, and the round completes with the rest.
+
+Every node sent a train message ends the round with one outcome, logged and recorded with its reason:
+accepted (aggregated; a partial update from a node whose training lease was revoked mid-round is noted
+as preempted), rejected (failed validation), declined (the node did not train: its agent refused the
+training lease), lost (the node went away: Flower answers for a SuperNode whose heartbeats stopped),
+failed (its ClientApp raised or crashed) or no reply (nothing within the round timeout). Only accepted
+updates are aggregated; a round without one leaves the global unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from zk0.learn import codec
-from zk0.learn.federation import GLOBAL_SHA256, METRICS_RECORD, UPDATE_RECORD
+from zk0.learn.federation import DECLINED, GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, PREEMPTED, UPDATE_RECORD
 from zk0.server.config import ValidationConfig
 from zk0.server.schedule import RoundSchedule, ScheduleConfig, ScheduleState, client_mu, schedule_round
 
 log = logging.getLogger("zk0.server")
 
+
+class Outcome(StrEnum):
+    """How a node's part in a round ended (see the module docstring)."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DECLINED = "declined"
+    LOST = "lost"
+    FAILED = "failed"
+    NO_REPLY = "no reply"
+
+
+# Flower's error replies for a message whose node (or the message itself) is gone, as opposed to a ClientApp error.
+_LOST_CODES = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+
+
+def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
+    """The connected nodes, once there are at least `minimum` of them."""
+    while len(node_ids := list(grid.get_node_ids())) < minimum:
+        log.info("waiting for nodes: %d connected, %d needed", len(node_ids), minimum)
+        time.sleep(1.0)
+    return node_ids
+
+
+def sample_nodes(grid: Grid, min_available: int, fraction: float, min_sampled: int) -> list[int]:
+    """`fraction` of the connected nodes (at least `min_sampled`, at most all), once `min_available` are connected.
+
+    One listing serves both the count and the sample: Flower's own helper lists twice and, when a node
+    drops out in between, waits for a node count that no longer exists.
+    """
+    node_ids = wait_for_nodes(grid, min_available)
+    return random.sample(node_ids, min(len(node_ids), max(int(len(node_ids) * fraction), min_sampled)))
 
 
 class UpdateRejected(ValueError):
@@ -93,15 +135,19 @@ def aggregate_states(
 
 @dataclass
 class ClientRound:
-    """One node's part in a round, as recorded in the run's metrics."""
+    """One node's part in a round, as recorded in the run's metrics (outcomes: see the module docstring)."""
 
     node_id: int
     lr: float
     mu: float
     metrics: dict[str, float] = field(default_factory=dict)
-    accepted: bool = False
-    rejected_reason: str = ""
+    outcome: Outcome = Outcome.NO_REPLY
+    reason: str = ""
     bytes_in: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome == Outcome.ACCEPTED
 
 
 @dataclass
@@ -110,6 +156,9 @@ class RoundRecord:
     schedule: RoundSchedule
     bytes_out: int = 0
     clients: dict[int, ClientRound] = field(default_factory=dict)
+    # The train messages as sent: Grid.send_and_receive gives them their ids, which replies refer to. Flower's
+    # own error replies (node unavailable) come from the SuperLink, so only this names the node they concern.
+    sent: list[Message] = field(default_factory=list)
 
 
 @dataclass
@@ -179,8 +228,7 @@ class Zk0FedProx(FedProx):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         record = self.start_round(server_round, arrays)
         decision = record.schedule
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        node_ids = sample_nodes(grid, self.min_available_nodes, self.fraction_train, self.min_train_nodes)
         log.info("round %d: lr %.3g (%s), mu %.3g, %d nodes", server_round, decision.lr, decision.reason,
                  decision.mu, len(node_ids))
         messages = []
@@ -194,29 +242,44 @@ class Zk0FedProx(FedProx):
             content = self._content(arrays, node_config)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         record.bytes_out = _array_record_bytes(arrays) * len(messages)
+        record.sent = messages
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Every sampled node gets the aggregated model with its digest, to check, evaluate and store."""
         if self.fraction_evaluate == 0.0:
             return []
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_evaluate), self.min_evaluate_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        node_ids = sample_nodes(grid, self.min_available_nodes, self.fraction_evaluate, self.min_evaluate_nodes)
         eval_config = {**dict(config), **self.train_config, "server-round": server_round,
                        GLOBAL_SHA256: codec.tensors_sha256(arrays.to_torch_state_dict())}
         return [Message(content=self._content(arrays, eval_config), message_type=MessageType.EVALUATE, dst_node_id=n)
                 for n in node_ids]
 
+    def _no_update(self, server_round: int, client: ClientRound, error: Error) -> None:
+        client.outcome = Outcome.LOST if error.code in _LOST_CODES else Outcome.FAILED
+        client.reason = error.reason
+        if client.outcome == Outcome.LOST:
+            log.warning("round %d: node %d lost, the round goes on without it: %s", server_round, client.node_id,
+                        error.reason)
+        else:
+            log.warning("round %d: no update from node %d: %s", server_round, client.node_id, error.reason)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current is not None and self.current.server_round == server_round
         accepted: list[dict[str, torch.Tensor]] = []
         weights: list[float] = []
+        clients: list[ClientRound] = []  # the accepted ones, in the order of `accepted`
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self.current.sent if m.metadata.message_id}
         for reply in replies:
-            node_id = reply.metadata.src_node_id
+            node_id = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             client = self.current.clients.setdefault(node_id, ClientRound(node_id, math.nan, math.nan))
             if reply.has_error():
-                client.rejected_reason = f"node error: {reply.error.reason}"
-                log.warning("round %d: no update from node %d: %s", server_round, node_id, reply.error.reason)
+                self._no_update(server_round, client, reply.error)
+                continue
+            info = reply.content.config_records.get(INFO_RECORD, ConfigRecord())
+            if DECLINED in info:
+                client.outcome, client.reason = Outcome.DECLINED, str(info[DECLINED])
+                log.info("round %d: node %d declined to train: %s", server_round, node_id, client.reason)
                 continue
             try:
                 payload = codec.from_array_record(reply.content.array_records.get(UPDATE_RECORD, ArrayRecord()))
@@ -227,22 +290,28 @@ class Zk0FedProx(FedProx):
                 client.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
                 update = validate_update(payload, self._global, self.validation.max_update_norm)
             except (UpdateRejected, codec.CodecError) as err:
-                client.rejected_reason = getattr(err, "reason", str(err))
-                log.warning("round %d: rejected update from node %d: %s", server_round, node_id, client.rejected_reason)
+                client.outcome, client.reason = Outcome.REJECTED, getattr(err, "reason", str(err))
+                log.warning("round %d: rejected update from node %d: %s", server_round, node_id, client.reason)
                 continue
-            client.accepted = True
-            dataset_id = str(reply.content.config_records.get("info", ConfigRecord()).get("dataset-id", ""))
+            client.outcome = Outcome.ACCEPTED
+            if PREEMPTED in info:
+                client.reason = f"partial update ({client.metrics.get('steps', 0):.0f} steps): {info[PREEMPTED]}"
+                log.info("round %d: node %d sent a %s", server_round, node_id, client.reason)
+            dataset_id = str(info.get("dataset-id", ""))
             if dataset_id:
                 self._dataset_of_node[node_id] = dataset_id
                 if "loss-std" in client.metrics:
                     self.history.client_loss_std[dataset_id] = client.metrics["loss-std"]
             accepted.append(update)
             weights.append(max(client.metrics.get("num-examples", 1.0), 0.0))
+            clients.append(client)
+        for client in self.current.clients.values():
+            if client.outcome == Outcome.NO_REPLY:
+                log.warning("round %d: no reply from node %d within the round timeout", server_round, client.node_id)
         if not accepted:
             log.warning("round %d: no acceptable update; the global model is unchanged", server_round)
             return None, None
         aggregated = aggregate_states(accepted, weights, self.validation.aggregation, self.validation.trim_fraction)
-        clients = [c for c in self.current.clients.values() if c.accepted]
         total = sum(weights) or 1.0
         keys = set.intersection(*(set(c.metrics) for c in clients))
         summary = {k: sum(c.metrics[k] * w for c, w in zip(clients, weights)) / total for k in keys if k != "num-examples"}

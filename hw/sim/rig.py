@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from zk0.hw.realtime import make_realtime
 from zk0.hw.sim.calibration import (
     ROBOTS,
     arm_calibration,
@@ -36,7 +37,7 @@ from zk0.hw.sim.calibration import (
 from zk0.hw.sim.cameras import CameraPublisher, CameraSpec
 from zk0.hw.sim.feetech import FaultPlan
 from zk0.hw.sim.operator import ScriptedOperator
-from zk0.hw.sim.pty_bus import LinkConfig, PtyBusServer
+from zk0.hw.sim.pty_bus import SIM_BUS_PRIORITY, LinkConfig, PtyBusServer
 from zk0.hw.sim.world import World
 
 SIM_HZ = 100
@@ -194,6 +195,9 @@ def serve_rig(args: argparse.Namespace) -> int:
     # Short GIL slices: a bus thread waiting to answer must not sit behind the world stepper for 5 ms.
     sys.setswitchinterval(0.0005)
     rig = Rig(config).start()
+    # The bus threads answer at real-time priority, but they need the GIL from the world stepper and the
+    # control thread: those must not be preempted by the host's other work either.
+    make_realtime(SIM_BUS_PRIORITY)
     control = zmq.Context.instance().socket(zmq.REP)
     control.setsockopt(zmq.LINGER, 0)
     control.bind("tcp://127.0.0.1:0")

@@ -38,9 +38,8 @@ WRITER = textwrap.dedent(
     store, _ = DatasetStore.open(datasets_root, name, features, 30, DatasetIdentity("test-host", "so101", "cafe"))
     for _ in range(episodes):
         index = store.num_episodes
-        dataset = store.writer()
         for i in range(frames):
-            dataset.add_frame({
+            store.add_frame({
                 "action": np.full(6, index, np.float32),
                 "observation.state": np.full(6, 100 * index + i, np.float32),
                 "observation.images.front": np.full((48, 64, 3), (40 * index + i) % 255, np.uint8),

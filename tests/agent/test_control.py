@@ -1,4 +1,5 @@
-"""The agent control API over real ZeroMQ sockets, and `zk0ctl` driving a real `zk0 record` session."""
+"""The agent control API over real ZeroMQ sockets, and `zk0ctl` driving a real `zk0 record` session (which
+refuses training leases while it records)."""
 
 from __future__ import annotations
 
@@ -12,31 +13,51 @@ from pathlib import Path
 import pytest
 import zmq
 
-from zk0.agent.control import ControlServer, parse_request, request
+from zk0.agent import lease
+from zk0.agent.control import ControlServer, Request, parse_request, request
 from zk0.agent.ctl import main as zk0ctl
 from zk0.agent.dataset_store import read_commit
 
 COMMANDS = ("status", "save", "stop")
 
 
+def _speed(args: dict) -> int:
+    """A command argument check: returns what the handler gets, raises ValueError naming the fault."""
+    if set(args) != {"rpm"} or not isinstance(args["rpm"], int):
+        raise ValueError('spin: needs an integer "rpm"')
+    return args["rpm"]
+
+
 @pytest.mark.parametrize(("raw", "error"), [
     (b"\xff\xfe", "not JSON"),
     (b"[1, 2]", 'string "command"'),
     (b'{"command": 3}', 'string "command"'),
-    (b'{"command": "reboot"}', "unknown command 'reboot' (known: save, status, stop)"),
+    (b'{"command": "reboot"}', "unknown command 'reboot' (known: save, spin, status, stop)"),
+    (b'{"command": "spin", "args": [1]}', 'spin: "args" must be an object'),
+    (b'{"command": "spin", "args": {"rpm": "fast"}}', 'spin: needs an integer "rpm"'),
+    (b'{"command": "spin"}', 'spin: needs an integer "rpm"'),
+    (b'{"command": "status", "args": {"verbose": true}}', "status: takes no arguments (got verbose)"),
 ])
 def test_malformed_requests_are_refused_with_a_reason(raw: bytes, error: str) -> None:
     with pytest.raises(ValueError, match=error.replace("(", r"\(").replace(")", r"\)")):
-        parse_request(raw, COMMANDS)
+        parse_request(raw, {**dict.fromkeys(COMMANDS), "spin": _speed})
+
+
+def test_requests_carry_checked_arguments() -> None:
+    commands = {**dict.fromkeys(COMMANDS), "spin": _speed}
+    assert parse_request(b'{"command": "spin", "args": {"rpm": 300}}', commands) == Request("spin", 300)
+    # a request without "args" (every client before arguments existed) and one with empty args are the same
+    assert parse_request(b'{"command": "status"}', COMMANDS) == Request("status", {})
+    assert parse_request(b'{"command": "status", "args": {}}', COMMANDS) == Request("status", {})
 
 
 def test_server_answers_commands_errors_and_handler_failures(tmp_path: Path) -> None:
     seen: list[str] = []
 
-    def handler(command: str) -> dict:
-        if command == "stop":
+    def handler(req: Request) -> dict:
+        if req.command == "stop":
             raise RuntimeError("disk on fire")
-        seen.append(command)
+        seen.append(req.command)
         return {"state": "idle"}
 
     address = f"ipc://{tmp_path}/control.sock"
@@ -54,7 +75,26 @@ def test_server_answers_commands_errors_and_handler_failures(tmp_path: Path) -> 
         raw.close()
         context.term()
         assert request(address, "save")["ok"] is True
+        # malformed arguments are answered with an error and never reach the handler
+        assert request(address, "save", args={"now": True}) == {"ok": False, "error": "save: takes no arguments (got now)"}
         assert seen == ["status", "save"]
+    finally:
+        server.close()
+
+
+def test_server_passes_checked_arguments_to_the_handler(tmp_path: Path) -> None:
+    seen: list[Request] = []
+
+    def handler(req: Request) -> dict:
+        seen.append(req)
+        return {"spinning": req.args}
+
+    address = f"ipc://{tmp_path}/control.sock"
+    server = ControlServer(address, {"status": None, "spin": _speed}, handler)
+    try:
+        assert request(address, "spin", args={"rpm": 300}) == {"ok": True, "spinning": 300}
+        assert request(address, "spin", args={"rpm": 1.5}) == {"ok": False, "error": 'spin: needs an integer "rpm"'}
+        assert seen == [Request("spin", 300)]
     finally:
         server.close()
 
@@ -84,6 +124,11 @@ def test_zk0ctl_status_and_stop_a_recording_session(sim_arms_config: Path, capsy
             time.sleep(0.5)
         assert status["state"] == "recording" and status["dataset"] == "ctl" and status["episode"] == 0
         assert status["task"] == "pick the red cube" and status["committed_episodes"] == 0
+        # a federation node asking to train is refused, with the reason, and the recording goes on
+        refusal = lease.acquire(address, holder="test node")
+        assert refusal == lease.LeaseRefusal("recording in progress")
+        renewal = request(address, lease.RENEW, args={"lease_id": "granted-earlier", "ttl_s": 30})
+        assert renewal == {"ok": True, "granted": False, "reason": "recording in progress"}
         assert zk0ctl(["stop", "--address", address]) == 0
         assert json.loads(capsys.readouterr().out)["accepted"] == "stop"
         _, stderr = recorder.communicate(timeout=60)

@@ -23,6 +23,7 @@ from zk0.agent.dataset_store import (
     read_commit,
 )
 from zk0.agent.record import CAPTURE_TIME
+from zk0.hw.realtime import threads_without_realtime
 
 from tests.agent.conftest import FEATURES
 
@@ -41,9 +42,9 @@ def _frame(episode: int, i: int) -> dict:
     }
 
 
-def _add_episode(dataset: LeRobotDataset, episode: int) -> None:
+def _add_episode(sink: DatasetStore | LeRobotDataset, episode: int) -> None:
     for i in range(FRAMES):
-        dataset.add_frame(_frame(episode, i))
+        sink.add_frame(_frame(episode, i))
 
 
 def _meta(index: int) -> EpisodeMeta:
@@ -53,7 +54,7 @@ def _meta(index: int) -> EpisodeMeta:
 def _store_with_episodes(root: Path, count: int) -> DatasetStore:
     store, _ = DatasetStore.open(root, NAME, FEATURES, 30, IDENTITY)
     for _ in range(count):
-        _add_episode(store.writer(), store.num_episodes)
+        _add_episode(store, store.num_episodes)
         store.commit_episode(_meta(store.num_episodes))
     return store
 
@@ -66,8 +67,8 @@ def test_rolls_back_uncommitted_tail_and_appends(tmp_path: Path) -> None:
     store = _store_with_episodes(tmp_path, 1)
     # An episode lerobot saved and finalized, but whose commit never happened (the process died first),
     # plus leftovers of an interrupted encoder and atomic write.
+    _add_episode(store, 1)
     dataset = store.writer()
-    _add_episode(dataset, 1)
     dataset.save_episode()
     dataset.finalize()
     (tmp_path / NAME / "tmpencoder").mkdir()
@@ -80,7 +81,7 @@ def test_rolls_back_uncommitted_tail_and_appends(tmp_path: Path) -> None:
     assert {"tmpencoder", "data/chunk-000/file-009.parquet.tmp"} <= set(report.removed)
     assert _load(tmp_path).num_episodes == 1
 
-    _add_episode(reopened.writer(), 1)
+    _add_episode(reopened, 1)
     reopened.commit_episode(_meta(1))
     loaded = _load(tmp_path)
     assert loaded.num_episodes == 2 and len(loaded) == 2 * FRAMES
@@ -90,9 +91,9 @@ def test_rolls_back_uncommitted_tail_and_appends(tmp_path: Path) -> None:
 
 def test_discarded_episode_leaves_nothing(tmp_path: Path) -> None:
     store = _store_with_episodes(tmp_path, 1)
-    _add_episode(store.writer(), 1)
+    _add_episode(store, 1)
     store.discard_episode()
-    _add_episode(store.writer(), 1)
+    _add_episode(store, 1)
     store.commit_episode(_meta(1))
     store.close()
     assert len(_load(tmp_path)) == 2 * FRAMES
@@ -116,18 +117,20 @@ def test_refuses_damaged_committed_episode(tmp_path: Path) -> None:
 
 def _lerobot_record_dataset(root: Path, episodes: int, robot_type: str = "so_follower") -> None:
     """A dataset the way lerobot-record writes one: several episodes, one finalize at the end, no zk0 metadata."""
-    dataset = LeRobotDataset.create(f"local/{NAME}", 30, features=FEATURES, root=root / NAME, robot_type=robot_type, use_videos=True)
-    for episode in range(episodes):
-        _add_episode(dataset, episode)
-        dataset.save_episode()
-    dataset.finalize()
+    # As root, SVT-AV1 would leave real-time threads behind in this (the pytest) process.
+    with threads_without_realtime():
+        dataset = LeRobotDataset.create(f"local/{NAME}", 30, features=FEATURES, root=root / NAME, robot_type=robot_type, use_videos=True)
+        for episode in range(episodes):
+            _add_episode(dataset, episode)
+            dataset.save_episode()
+        dataset.finalize()
 
 
 def test_adopts_consistent_lerobot_record_dataset(tmp_path: Path) -> None:
     _lerobot_record_dataset(tmp_path, 2)
     store, _ = DatasetStore.open(tmp_path, NAME, FEATURES, 30, IDENTITY)
     assert store.num_episodes == 2 and read_commit(tmp_path / NAME).adopted == 2
-    _add_episode(store.writer(), 2)
+    _add_episode(store, 2)
     store.commit_episode(_meta(2))
     store.close()
 
@@ -178,3 +181,10 @@ def test_disk_guard_refuses_to_start(tmp_path: Path) -> None:
         f"zk0 record: {tmp_path / 'datasets'}: less than {2**40} MB free; free some space first"
     ]
     assert not (tmp_path / "datasets" / NAME).exists()
+
+
+def test_recording_leaves_this_process_normally_scheduled(tmp_path: Path) -> None:
+    """Encoding as root must leave no real-time thread behind in the calling process (pytest's, here)."""
+    _store_with_episodes(tmp_path, 2).close()
+    _lerobot_record_dataset(tmp_path / "other", 1)
+    assert all(os.sched_getscheduler(int(t)) & ~os.SCHED_RESET_ON_FORK == os.SCHED_OTHER for t in os.listdir("/proc/self/task"))

@@ -6,17 +6,21 @@ import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
+from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
 from zk0.learn import codec
+from zk0.learn.federation import DECLINED, INFO_RECORD, METRICS_RECORD, PREEMPTED, UPDATE_RECORD
 from zk0.server.config import ValidationConfig
+from zk0.server.run_dir import outcome_summary
 from zk0.server.schedule import ScheduleConfig
-from zk0.learn.federation import METRICS_RECORD, UPDATE_RECORD
 from zk0.server.strategy import (
+    Outcome,
     UpdateRejected,
     Zk0FedProx,
     aggregate_states,
+    sample_nodes,
     validate_update,
 )
 
@@ -109,7 +113,7 @@ def test_round_completes_without_the_bad_node_and_records_why(caplog):
     assert metrics["accepted-updates"] == 2
     assert metrics["policy-loss"] == pytest.approx((0.5 * 10 + 1.5 * 30) / 40)
     bad = strategy.current.clients[3]
-    assert not bad.accepted and "NaN" in bad.rejected_reason
+    assert bad.outcome == Outcome.REJECTED and "NaN" in bad.reason
     assert "rejected update from node 3" in caplog.text
 
 
@@ -132,3 +136,74 @@ def test_delta_codec_updates_are_decoded_against_the_round_global():
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert metrics["accepted-updates"] == 3
     assert arrays.to_torch_state_dict()["proj.b"][0].item() == pytest.approx(2.0, abs=0.2)  # the outlier is out
+
+
+def _declined(node_id: int, reason: str) -> object:
+    metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
+                        reply_to_message_id="x", group_id="1", created_at=time.time(), ttl=60, message_type="train")
+    return make_message(metadata, RecordDict({INFO_RECORD: ConfigRecord({DECLINED: reason})}))
+
+
+def test_a_declined_round_is_recorded_not_rejected_and_the_rest_aggregate(caplog):
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {"local-steps": 8}, min_nodes=2)
+    strategy.start_round(1, ArrayRecord(GLOBAL))
+    replies = [_reply(1, codec.encode(_state(1.0), "fp32"), 10, 0.5),
+               _declined(2, "training lease refused: recording in progress")]
+    with caplog.at_level("INFO", logger="zk0.server"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays.to_torch_state_dict()["proj.b"][0].item() == pytest.approx(1.0)
+    assert metrics["accepted-updates"] == 1
+    declined = strategy.current.clients[2]
+    assert declined.outcome == Outcome.DECLINED and declined.reason == "training lease refused: recording in progress"
+    assert "node 2 declined to train: training lease refused: recording in progress" in caplog.text
+    assert "rejected" not in caplog.text
+    # every node declining leaves the global unchanged, as a round without any valid update does
+    strategy.start_round(2, ArrayRecord(GLOBAL))
+    assert strategy.aggregate_train(2, [_declined(1, "outside training hours"), _declined(2, "busy")]) == (None, None)
+
+
+def test_a_partial_update_from_a_preempted_node_is_aggregated_by_its_examples():
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {"local-steps": 8}, min_nodes=2)
+    strategy.start_round(1, ArrayRecord(GLOBAL))
+    partial = _reply(2, codec.encode(_state(3.0), "fp32"), 10, 1.5)
+    partial.content.metric_records[METRICS_RECORD]["steps"] = 2
+    partial.content.config_records[INFO_RECORD][PREEMPTED] = "lease revoked by the agent: recording in progress"
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, codec.encode(_state(1.0), "fp32"), 30, 0.5), partial])
+    assert arrays.to_torch_state_dict()["proj.b"][0].item() == pytest.approx((1 * 30 + 3 * 10) / 40)
+    client = strategy.current.clients[2]
+    assert client.accepted
+    assert client.reason == "partial update (2 steps): lease revoked by the agent: recording in progress"
+
+
+def test_a_lost_node_is_named_by_the_message_it_was_sent_and_a_silent_one_is_recorded(caplog):
+    """Flower answers for a node whose heartbeats stopped with an error reply from the SuperLink itself, so
+    the node is found through the message the reply refers to; a node that never answers is recorded too."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {"local-steps": 8}, min_nodes=2)
+    with serverapp_identity():
+        sent = pushed(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), ListingGrid([10, 11, 12, 13])))
+    by_node = {m.metadata.dst_node_id: m for m in sent}
+    good = [Message(RecordDict({UPDATE_RECORD: codec.to_array_record(codec.encode(_state(v), "fp32")),
+                                METRICS_RECORD: MetricRecord({"num-examples": 10, "policy-loss": 0.5})}),
+                    reply_to=by_node[n]) for n, v in ((10, 1.0), (11, 3.0))]
+    lost = create_message_error_unavailable_res_message(by_node[12].metadata, "node_unavail")
+    assert lost.metadata.src_node_id not in by_node  # the SuperLink's own id
+    with caplog.at_level("WARNING", logger="zk0.server"):
+        arrays, metrics = strategy.aggregate_train(1, [*good, lost])
+    assert metrics["accepted-updates"] == 2
+    assert arrays.to_torch_state_dict()["proj.b"][0].item() == pytest.approx(2.0)
+    clients = strategy.current.clients
+    assert sorted(clients) == [10, 11, 12, 13]
+    assert clients[12].outcome == Outcome.LOST and "Node Unavailable" in clients[12].reason
+    assert clients[13].outcome == Outcome.NO_REPLY
+    assert "node 12 lost, the round goes on without it" in caplog.text
+    assert "no reply from node 13 within the round timeout" in caplog.text
+    assert outcome_summary([c.outcome for c in clients.values()]) == "2/4 updates accepted, 1 lost, 1 no reply"
+
+
+def test_nodes_are_counted_and_sampled_from_one_listing():
+    """A node dropping out between two listings must not leave the server waiting for a count that is gone."""
+    grid = ListingGrid([1, 2, 3], [1, 2])
+    assert sorted(sample_nodes(grid, min_available=2, fraction=1.0, min_sampled=2)) == [1, 2, 3]
+    assert sorted(sample_nodes(ListingGrid([1, 2, 3, 4]), 2, 0.5, 1)) in ([1, 2], [1, 3], [1, 4], [2, 3], [2, 4], [3, 4])

@@ -1,0 +1,141 @@
+"""Real-time scheduling for processes that talk to hardware.
+
+A control loop at 30 Hz must start every tick within a few milliseconds of its deadline even while video
+encoders or other programs saturate every core. Linux's SCHED_FIFO gives a thread precedence over all
+normally scheduled work. It is applied to every thread of the process, not just the loop: the loop needs
+the GIL, and a normally scheduled thread holding it (a camera reader, say) could be preempted by anything
+for tens of milliseconds. SCHED_RESET_ON_FORK makes threads and processes started later (lerobot's encoder
+threads, the dataset writer) normal again. The real-time threads here sleep most of each period.
+
+Unprivileged users need `LimitRTPRIO=` (systemd) or CAP_SYS_NICE; without it the process runs at normal
+priority and says so once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+# Python hands the GIL over every `switchinterval` seconds: a thread waiting for it waits that long behind
+# any other Python thread, so hardware processes shorten it from the default 5 ms.
+HARDWARE_SWITCH_INTERVAL_S = 0.0005
+_warned = False
+CAP_SYS_NICE = 23
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def thread_ids() -> list[int]:
+    """Native ids of this process's threads."""
+    return [int(name) for name in os.listdir("/proc/self/task")]
+
+
+def set_realtime(priority: int, thread_id: int = 0) -> bool:
+    """Make a thread (0: the calling one) SCHED_FIFO at `priority` (1-99); False where the OS refuses."""
+    global _warned
+    if not 1 <= priority <= 99:
+        raise ValueError(f"real-time priority must be 1..99, got {priority}")
+    try:
+        os.sched_setscheduler(thread_id, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+    except ProcessLookupError:  # the thread ended meanwhile
+        return True
+    except PermissionError:
+        if not _warned:
+            log.warning("real-time priority %d not permitted (needs LimitRTPRIO or CAP_SYS_NICE); "
+                        "timing will suffer when the CPU is busy", priority)
+            _warned = True
+        return False
+    return True
+
+
+def make_realtime(priority: int) -> bool:
+    """Every thread this process has now at real-time `priority`, for good."""
+    return all(set_realtime(priority, thread) for thread in thread_ids())
+
+
+@contextmanager
+def realtime(priority: int | None) -> Iterator[bool]:
+    """Run the body with every thread of this process at real-time `priority` (None: unchanged), restoring
+    each one's policy afterwards; yields whether the OS granted it."""
+    if priority is None:
+        yield False
+        return
+    previous = {}
+    for thread in thread_ids():
+        try:
+            previous[thread] = os.sched_getscheduler(thread), os.sched_getparam(thread)
+        except ProcessLookupError:
+            continue
+    granted = all(set_realtime(priority, thread) for thread in previous)
+    try:
+        yield granted
+    finally:
+        for thread, (policy, param) in previous.items():
+            try:
+                os.sched_setscheduler(thread, policy, param)
+            except (ProcessLookupError, PermissionError):
+                continue
+
+
+def shorten_gil_slices() -> None:
+    sys.setswitchinterval(min(sys.getswitchinterval(), HARDWARE_SWITCH_INTERVAL_S))
+
+
+def _capabilities() -> tuple[ctypes.CDLL, _CapHeader, ctypes.Array]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    return libc, header, data
+
+
+def _set_capabilities(libc: ctypes.CDLL, header: _CapHeader, data: ctypes.Array) -> None:
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def drop_realtime_rights() -> None:
+    """Give up the right to real-time scheduling in the calling thread and the threads it starts later, for
+    good: RLIMIT_RTPRIO 0 for the process and, as root, CAP_SYS_NICE (capabilities are per thread and
+    inherited by the threads a thread creates).
+
+    Some libraries take real-time priority whenever they can: SVT-AV1 creates every encoder thread
+    SCHED_FIFO at priority 99 when permitted (as root), above any control loop, and falls back to normal
+    threads when refused."""
+    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+    libc, header, data = _capabilities()
+    if data[0].permitted & (1 << CAP_SYS_NICE):
+        data[0].effective &= ~(1 << CAP_SYS_NICE)
+        data[0].permitted &= ~(1 << CAP_SYS_NICE)
+        _set_capabilities(libc, header, data)
+
+
+@contextmanager
+def threads_without_realtime() -> Iterator[None]:
+    """Threads started in the body (and the threads they start) cannot take real-time priority as root;
+    the calling thread gets its rights back afterwards. For bulk work started from a process that keeps its
+    rights (lerobot's video encoders in a root process)."""
+    libc, header, data = _capabilities()
+    if not data[0].effective & (1 << CAP_SYS_NICE):
+        yield
+        return
+    data[0].effective &= ~(1 << CAP_SYS_NICE)
+    _set_capabilities(libc, header, data)
+    try:
+        yield
+    finally:
+        data[0].effective |= 1 << CAP_SYS_NICE
+        _set_capabilities(libc, header, data)

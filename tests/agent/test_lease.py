@@ -1,0 +1,289 @@
+"""Training leases: the protocol's messages and expiry math, the client against a real ControlServer on an
+ipc:// socket (grant, renewal, release, refusal, no agent, revocation, expiry), and the ClientApp's train
+handler with and without an agent, its reply passed through the server's strategy."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
+from zk0.agent import client_app, lease
+from zk0.agent.control import ControlServer, Request, request
+from zk0.agent.lease import LeaseGrant, LeaseRefusal, LeaseRelease, LeaseRenewal, LeaseRequest
+
+NODE_ID = 7
+
+
+class GrantingAgent:
+    """A small granting agent on a real control socket: grants leases for `ttl_s` (an agent may grant less than
+    asked), renews them until `revoke(reason)`, or after `revoke_at_renewal` renewals; refuses all while busy."""
+
+    def __init__(self, address: str, ttl_s: float = 0.3, busy: str = "", revoke_at_renewal: int = 0) -> None:
+        self.ttl_s, self.busy, self.revoke_at_renewal = ttl_s, busy, revoke_at_renewal
+        self.revoked = ""
+        self.seen: list[Request] = []
+        self.held: set[str] = set()
+        self._lock = threading.Lock()
+        self.server = ControlServer(address, lease.COMMANDS, self.handle)
+
+    def revoke(self, reason: str) -> None:
+        with self._lock:
+            self.revoked = reason
+
+    def handle(self, req: Request) -> dict:
+        with self._lock:
+            self.seen.append(req)
+            if req.command == lease.RELEASE:
+                self.held.discard(req.args.lease_id)
+                return {"released": True}
+            if self.busy:
+                return LeaseRefusal(self.busy).to_reply()
+            if req.command == lease.LEASE:
+                lease_id = f"lease-{len(self.seen)}"
+                self.held.add(lease_id)
+                return LeaseGrant(lease_id, min(req.args.ttl_s, self.ttl_s)).to_reply()
+            renewals = sum(r.command == lease.RENEW for r in self.seen)
+            if self.revoke_at_renewal and renewals >= self.revoke_at_renewal:
+                self.revoked = self.revoked or "an operator started recording"
+            if self.revoked or req.args.lease_id not in self.held:
+                self.held.discard(req.args.lease_id)
+                return LeaseRefusal(self.revoked or "unknown lease").to_reply()
+            return LeaseGrant(req.args.lease_id, min(req.args.ttl_s, self.ttl_s)).to_reply()
+
+    def commands(self) -> list[str]:
+        with self._lock:
+            return [r.command for r in self.seen]
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def address(tmp_path: Path) -> str:
+    return f"ipc://{tmp_path}/agent.sock"
+
+
+# --- protocol ---------------------------------------------------------------------------------------------
+
+def test_messages_round_trip_through_their_arguments() -> None:
+    for message in (LeaseRequest("train", 30.0, "flower node 7"), LeaseRenewal("lease-1", 30.0), LeaseRelease("lease-1")):
+        assert type(message).from_args(message.to_args()) == message
+    assert LeaseRequest.from_args({"purpose": "train", "ttl_s": 30}) == LeaseRequest("train", 30.0, "")
+    assert lease.parse_answer({"ok": True, **LeaseGrant("lease-1", 10.0).to_reply()}) == LeaseGrant("lease-1", 10.0)
+    assert lease.parse_answer({"ok": True, **LeaseRefusal("recording").to_reply()}) == LeaseRefusal("recording")
+
+
+@pytest.mark.parametrize(("check", "args", "error"), [
+    (LeaseRequest.from_args, {"ttl_s": 30}, 'lease: "purpose" must be a non-empty string'),
+    (LeaseRequest.from_args, {"purpose": "", "ttl_s": 30}, 'lease: "purpose" must be a non-empty string'),
+    (LeaseRequest.from_args, {"purpose": "train", "ttl_s": "30"}, 'lease: "ttl_s" must be a number of seconds'),
+    (LeaseRequest.from_args, {"purpose": "train", "ttl_s": True}, 'lease: "ttl_s" must be a number of seconds'),
+    (LeaseRequest.from_args, {"purpose": "train", "ttl_s": 0}, 'lease: "ttl_s" must be a number of seconds'),
+    (LeaseRequest.from_args, {"purpose": "train", "ttl_s": 1e9}, 'lease: "ttl_s" must be a number of seconds'),
+    (LeaseRequest.from_args, {"purpose": "train", "ttl_s": 30, "holder": 3}, 'lease: "holder" must be'),
+    (LeaseRequest.from_args, {"purpose": "train", "ttl_s": 30, "gpu": 1}, "lease: unknown argument 'gpu'"),
+    (LeaseRenewal.from_args, {"lease_id": "x"}, 'lease-renew: "ttl_s" must be'),
+    (LeaseRelease.from_args, {"lease_id": 5}, 'lease-release: "lease_id" must be a non-empty string'),
+])
+def test_malformed_arguments_are_refused_with_a_reason(check, args, error) -> None:
+    with pytest.raises(ValueError, match=error):
+        check(args)
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    ({"ok": False, "error": "unknown command 'lease' (known: status)"}, "the agent does not grant leases: unknown"),
+    ({"ok": True, "granted": False}, "refused without a reason"),
+    ({"ok": True, "granted": True, "lease_id": "", "ttl_s": 5}, "malformed lease reply"),
+    ({"ok": True, "granted": True, "lease_id": "x", "ttl_s": -1}, "malformed lease reply"),
+    ({"ok": True, "state": "recording"}, "malformed lease reply"),
+])
+def test_anything_but_a_well_formed_grant_grants_nothing(reply, reason) -> None:
+    answer = lease.parse_answer(reply)
+    assert isinstance(answer, LeaseRefusal) and reason in answer.reason
+
+
+def test_expiry_math() -> None:
+    assert lease.renew_interval(30.0) == lease.RENEW_EVERY_S
+    assert lease.renew_interval(3.0) == pytest.approx(1.0)  # two renewals may fail before the lease runs out
+    assert lease.lease_deadline(sent_at=100.0, ttl_s=30.0) == 130.0
+
+
+def test_malformed_lease_requests_never_reach_the_agent(address: str) -> None:
+    agent = GrantingAgent(address)
+    try:
+        reply = request(address, lease.LEASE, args={"purpose": "train", "ttl_s": -5})
+        assert reply == {"ok": False, "error": 'lease: "ttl_s" must be a number of seconds in (0, 3600]'}
+        assert request(address, lease.RENEW, args={"lease_id": "x", "ttl_s": 1, "extra": 1})["ok"] is False
+        assert agent.seen == []
+    finally:
+        agent.close()
+
+
+# --- the client against a real agent socket -----------------------------------------------------------------
+
+def test_grant_is_renewed_past_its_ttl_and_released(address: str) -> None:
+    agent = GrantingAgent(address, ttl_s=0.6)
+    try:
+        held = lease.acquire(address, holder="flower node 7")
+        assert isinstance(held, lease.HeldLease) and held.grant.ttl_s == pytest.approx(0.6)
+        assert agent.seen[0].args == LeaseRequest("train", lease.DEFAULT_TTL_S, "flower node 7")
+        with held:
+            deadline = time.monotonic() + 1.5  # more than twice the granted ttl
+            while time.monotonic() < deadline:
+                assert not held.should_stop()
+                time.sleep(0.02)
+        assert held.lost_reason is None
+        commands = agent.commands()
+        assert commands[0] == lease.LEASE and commands[-1] == lease.RELEASE and commands.count(lease.RENEW) >= 3
+        assert agent.held == set()
+    finally:
+        agent.close()
+
+
+def test_refusal_and_no_agent_grant_nothing(address: str, tmp_path: Path) -> None:
+    agent = GrantingAgent(address, busy="outside the configured training hours")
+    try:
+        assert lease.acquire(address) == LeaseRefusal("outside the configured training hours")
+    finally:
+        agent.close()
+    nobody = f"ipc://{tmp_path}/nobody.sock"
+    assert lease.acquire(nobody, timeout_s=0.2) == LeaseRefusal(f"no zk0 agent answering at {nobody}")
+
+
+def test_revocation_mid_training_stops_the_holder(address: str) -> None:
+    agent = GrantingAgent(address, ttl_s=0.6)
+    try:
+        with lease.acquire(address) as held:
+            steps = 0
+            while not held.should_stop():
+                steps += 1
+                time.sleep(0.01)
+                if steps == 20:
+                    agent.revoke("an operator started recording")
+            assert steps >= 20
+        assert held.lost_reason == "lease revoked by the agent: an operator started recording"
+        assert agent.commands()[-1] == lease.RENEW  # a revoked lease is not released again
+    finally:
+        agent.close()
+
+
+def test_a_lease_runs_out_when_the_agent_stops_answering(address: str) -> None:
+    agent = GrantingAgent(address, ttl_s=0.3)
+    held = lease.acquire(address, timeout_s=0.1)
+    agent.close()
+    with held:
+        started = time.monotonic()
+        while not held.should_stop():
+            assert time.monotonic() - started < 2.0
+            time.sleep(0.01)
+    assert held.lost_reason.startswith("lease expired unrenewed (no answer from the agent at ipc://")
+    assert time.monotonic() - started <= 0.3 + 0.2  # never trained past the granted ttl (plus one step)
+
+
+# --- the ClientApp's train handler --------------------------------------------------------------------------
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=NODE_ID, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_train_handler_declines_when_the_agent_refuses_or_is_absent(address: str, tmp_path: Path) -> None:
+    """Asked before anything is loaded: the node's dataset does not even exist here."""
+    from zk0.server.config import ValidationConfig
+    from zk0.server.schedule import ScheduleConfig
+    from zk0.server.strategy import Outcome, Zk0FedProx
+
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {"local-steps": 8}, min_nodes=1)
+    with serverapp_identity():
+        [msg] = pushed(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), ListingGrid([NODE_ID])))
+    agent = GrantingAgent(address, busy="recording in progress")
+    try:
+        reply = client_app.train(msg, _context({"agent-address": address, "dataset-roots": str(tmp_path / "none")}))
+    finally:
+        agent.close()
+    assert dict(reply.content.config_records["info"]) == {"declined": "training lease refused: recording in progress"}
+    assert not reply.content.array_records and agent.commands() == [lease.LEASE]
+    assert agent.seen[0].args.holder == f"flower node {NODE_ID}"
+    nobody = f"ipc://{tmp_path}/nobody.sock"
+    silent = client_app.train(msg, _context({"agent-address": nobody, "dataset-roots": str(tmp_path / "none")}))
+    assert silent.content.config_records["info"]["declined"] == f"training lease refused: no zk0 agent answering at {nobody}"
+    assert strategy.aggregate_train(1, [reply]) == (None, None)
+    assert strategy.current.clients[NODE_ID].outcome == Outcome.DECLINED
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A real node dataset and the server's side of round 1 on it: strategy, global and agreed statistics."""
+    from tests.learn.conftest import make_dataset
+    from zk0.learn import stats as fedstats
+    from zk0.learn.federation import STATS_RECORD, build_federated_policy, frozen_sha256, stats_to_record
+    from zk0.learn.policy import trainable_state
+    from zk0.server.config import ValidationConfig
+    from zk0.server.schedule import ScheduleConfig
+    from zk0.server.strategy import Zk0FedProx
+
+    root = tmp_path_factory.mktemp("node") / "kitchen"
+    make_dataset(root, episodes=4, frames=24)
+    stats = fedstats.from_dataset(root)
+    bundle = build_federated_policy("tiny", "cpu", root, stats, seed=0)
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), min_nodes=1, train_config={
+        "local-steps": 100_000, "batch-size": 2, "codec": "fp32", "model": "tiny", "seed": 0, "eval-fraction": 0.25})
+    strategy.broadcast_records = {STATS_RECORD: stats_to_record(stats)}
+    strategy.broadcast_config = {"frozen-sha256": frozen_sha256(bundle.policy)}
+    return root, strategy, ArrayRecord(trainable_state(bundle.policy))
+
+
+@pytest.fixture
+def normal_scheduling() -> None:
+    """Every thread of this process back to normal scheduling. Earlier tests in the same process can leave
+    threads SCHED_FIFO 99 (SVT-AV1, run as root, takes it for its encoder threads and its caller); a real-time
+    trainer on a busy machine starves the lease's renewal thread, which never happens in the ClientApp's own
+    process."""
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(thread), os.SCHED_OTHER, os.sched_param(0))
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+def _train_message(strategy, arrays: ArrayRecord, server_round: int, local_steps: int):
+    strategy.train_config["local-steps"] = local_steps
+    with serverapp_identity():
+        [msg] = pushed(strategy.configure_train(server_round, arrays, ConfigRecord(), ListingGrid([NODE_ID])))
+    return msg
+
+
+def test_train_handler_without_an_agent_trains_directly_and_sends_a_partial_update_when_revoked(
+        federation, address: str, normal_scheduling: None) -> None:
+    from zk0.server.strategy import Outcome
+
+    root, strategy, arrays = federation
+    node_config = {"dataset-roots": str(root), "policy-store": ""}
+    direct = client_app.train(_train_message(strategy, arrays, 1, local_steps=3), _context(node_config))
+    assert direct.content.metric_records["metrics"]["steps"] == 3 and "preempted" not in direct.content["info"]
+    strategy.aggregate_train(1, [direct])
+    assert strategy.current.clients[NODE_ID].outcome == Outcome.ACCEPTED
+
+    # With an agent: the lease is renewed every 0.4 s and revoked at the third renewal (over a second of
+    # training, tens of steps), long before the 100000-step budget is spent; the steps done go out as a
+    # partial update. (The ttl leaves renewals room to be slow while training loads both cores.)
+    agent = GrantingAgent(address, ttl_s=1.2, revoke_at_renewal=3)
+    try:
+        msg = _train_message(strategy, arrays, 2, local_steps=100_000)
+        reply = client_app.train(msg, _context({**node_config, "agent-address": address}))
+    finally:
+        agent.close()
+    steps = reply.content.metric_records["metrics"]["steps"]
+    assert 0 < steps < 100_000
+    assert reply.content.metric_records["metrics"]["num-examples"] == 2 * steps
+    preempted = "lease revoked by the agent: an operator started recording"
+    assert reply.content.config_records["info"]["preempted"] == preempted
+    arrays_out, summary = strategy.aggregate_train(2, [reply])
+    client = strategy.current.clients[NODE_ID]
+    assert client.accepted and client.reason == f"partial update ({steps} steps): {preempted}"
+    assert summary["num-examples"] == 2 * steps and arrays_out is not None

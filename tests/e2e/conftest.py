@@ -1,0 +1,41 @@
+"""Shared by the end-to-end federation tests: the `zk0` command as a subprocess, two datasets recorded once
+per session with `zk0 record --sim` (different tasks), and a server config small enough for minutes-long runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAST_CONFIG = """
+training: {local_steps: 8, batch_size: 4, eval_fraction: 0.25}
+evaluation: {max_samples: 16}
+nodes: {round_timeout_s: 600}
+scheduler: {base_lr: 1.0e-3, max_lr: 2.0e-3}
+"""
+
+
+def run_zk0(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zk0.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("datasets")
+    for name, task in (("red", "pick_place_red"), ("blue", "push_blue_left")):
+        result = run_zk0("record", "--sim", "--config", str(REPO / "configs" / "agent.yaml"), "--root", str(root),
+                         "--dataset", name, "--task", task, "--episodes", "4", "--episode-time-s", "1.5",
+                         "--reset-time-s", "0", "--no-progress", timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return [root / "red", root / "blue"]
+
+
+@pytest.fixture(scope="session")
+def fast_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "server.yaml"
+    path.write_text(FAST_CONFIG)
+    return path
