@@ -54,7 +54,9 @@ class RecordSettings:
     # Refuse to start an episode, or end the current one, when free disk space falls below this.
     min_free_disk_mb: int = 1024
     video_codec: str = "libsvtav1"
-    encoder_threads: int | None = None
+    # SVT-AV1 threads per camera stream (its `lp`): one is the least CPU per frame, and two streams still
+    # encode 640x480 at 30 fps on two cores; null lets the codec start one per core.
+    encoder_threads: int | None = 1
     # Extra attempts of each bus read (lerobot's `num_read_retries`): a lost status packet is routine
     # on a busy serial link and costs about a millisecond to retry.
     read_retries: int = 3

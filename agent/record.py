@@ -38,7 +38,7 @@ from zk0.agent.dataset_store import (
     fault_point,
     free_disk_mb,
 )
-from zk0.hw.realtime import realtime, shorten_gil_slices
+from zk0.hw.realtime import polling, realtime, shorten_gil_slices
 from zk0.hw.safety import JointLimits, clamp_target
 
 CAPTURE_TIME = "capture_time_s"
@@ -334,12 +334,14 @@ class Recorder:
         return ending, tick_timing(starts[:n], deadlines[:n], ends[:n], period, failed), low_disk
 
     def _tick(self, record: bool, capture_time_s: float) -> None:
-        observation = self.robot.get_observation()
-        target = self.leader.get_action()
+        with polling():
+            observation = self.robot.get_observation()
+            target = self.leader.get_action()
         present = np.fromiter((observation[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
         wanted = np.fromiter((target[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
         safe = clamp_target(wanted, present, self.limits, self.plan.max_relative_target)
-        sent = self.robot.send_action(dict(zip(self._joint_keys, safe.tolist(), strict=True)))
+        with polling():
+            sent = self.robot.send_action(dict(zip(self._joint_keys, safe.tolist(), strict=True)))
         if not record:
             return
         frame = build_dataset_frame(self._features, observation, prefix=OBS_STR)

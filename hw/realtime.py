@@ -19,12 +19,13 @@ import os
 import resource
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 log = logging.getLogger(__name__)
 # Python hands the GIL over every `switchinterval` seconds: a thread waiting for it waits that long behind
 # any other Python thread, so hardware processes shorten it from the default 5 ms.
 HARDWARE_SWITCH_INTERVAL_S = 0.0005
+POLLING_NICENESS = -20
 _warned = False
 CAP_SYS_NICE = 23
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -69,25 +70,50 @@ def make_realtime(priority: int) -> bool:
 @contextmanager
 def realtime(priority: int | None) -> Iterator[bool]:
     """Run the body with every thread of this process at real-time `priority` (None: unchanged), restoring
-    each one's policy afterwards; yields whether the OS granted it."""
+    each one's policy and niceness afterwards; yields whether the OS granted it. The threads also get the
+    highest niceness, which is what they run with inside `polling()`."""
     if priority is None:
         yield False
         return
     previous = {}
     for thread in thread_ids():
         try:
-            previous[thread] = os.sched_getscheduler(thread), os.sched_getparam(thread)
+            previous[thread] = (os.sched_getscheduler(thread), os.sched_getparam(thread),
+                                os.getpriority(os.PRIO_PROCESS, thread))
         except ProcessLookupError:
             continue
     granted = all(set_realtime(priority, thread) for thread in previous)
+    if granted:
+        for thread in previous:
+            with suppress(ProcessLookupError, PermissionError):
+                os.setpriority(os.PRIO_PROCESS, thread, POLLING_NICENESS)
     try:
         yield granted
     finally:
-        for thread, (policy, param) in previous.items():
-            try:
+        for thread, (policy, param, niceness) in previous.items():
+            with suppress(ProcessLookupError, PermissionError):
                 os.sched_setscheduler(thread, policy, param)
-            except (ProcessLookupError, PermissionError):
-                continue
+                os.setpriority(os.PRIO_PROCESS, thread, niceness)
+
+
+@contextmanager
+def polling() -> Iterator[None]:
+    """Run the body at normal policy (keeping the thread's niceness) if the calling thread is real-time.
+
+    scservo_sdk reads the serial port without blocking (pyserial `timeout=0`) in a loop until a reply is
+    complete. A real-time thread spinning there keeps its CPU from the kernel worker that delivers the
+    reply's bytes (pty and USB-serial input are pushed to the line discipline from a workqueue), which
+    delayed replies by tens of milliseconds. Bus transactions therefore run at normal policy."""
+    policy = os.sched_getscheduler(0)
+    if policy & ~os.SCHED_RESET_ON_FORK != os.SCHED_FIFO:
+        yield
+        return
+    param = os.sched_getparam(0)
+    os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
 
 
 def shorten_gil_slices() -> None:

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from zk0.hw.realtime import realtime, set_realtime, thread_ids
+from zk0.hw.realtime import POLLING_NICENESS, polling, realtime, set_realtime, thread_ids
 
 
 def test_realtime_covers_every_thread_and_restores_them() -> None:
@@ -69,3 +69,14 @@ def test_dropped_rights_cover_threads_started_later() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "refused"
+
+
+def test_polling_runs_at_normal_policy_inside_realtime() -> None:
+    with realtime(7) as granted:
+        if not granted:
+            pytest.skip("real-time scheduling not permitted here")
+        with polling():
+            assert os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_OTHER
+            assert os.getpriority(os.PRIO_PROCESS, 0) == POLLING_NICENESS
+        assert os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, 0) == 0
