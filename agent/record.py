@@ -337,10 +337,9 @@ class Recorder:
         with polling():
             observation = self.robot.get_observation()
             target = self.leader.get_action()
-        present = np.fromiter((observation[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
-        wanted = np.fromiter((target[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
-        safe = clamp_target(wanted, present, self.limits, self.plan.max_relative_target)
-        with polling():
+            present = np.fromiter((observation[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
+            wanted = np.fromiter((target[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
+            safe = clamp_target(wanted, present, self.limits, self.plan.max_relative_target)
             sent = self.robot.send_action(dict(zip(self._joint_keys, safe.tolist(), strict=True)))
         if not record:
             return

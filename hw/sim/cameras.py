@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import multiprocessing
-import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -89,7 +88,6 @@ class CameraPublisher:
 def _publisher_main(specs: tuple[CameraSpec, ...], host: str, conn: Connection) -> None:
     from zk0.hw.sim.render import CameraRenderer
 
-    os.setpriority(os.PRIO_PROCESS, 0, 0)  # the rig's raised priority is for its buses, not for rendering
     renderers = [CameraRenderer(spec.name, spec.width, spec.height) for spec in specs]
     socket = zmq.Context.instance().socket(zmq.PUB)
     socket.setsockopt(zmq.SNDHWM, 20)

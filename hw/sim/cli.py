@@ -8,14 +8,14 @@ describing its ports and addresses. Both serve until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from zk0.hw.realtime import make_realtime
 from zk0.hw.sim.calibration import ROBOTS, ROLES, calibrated_arm_bus, write_calibration_file
-from zk0.hw.sim.pty_bus import LinkConfig, PtyBusServer
+from zk0.hw.sim.pty_bus import SIM_BUS_PRIORITY, LinkConfig, PtyBusServer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +62,9 @@ def wait_for_termination() -> None:
 def _run_arm(args: argparse.Namespace) -> int:
     arm_id = args.id or f"sim_{args.role}"
     with PtyBusServer(calibrated_arm_bus(args.role), link_config(args)) as server:
+        # Real servos answer within microseconds whatever the host is doing: the simulator's threads are
+        # real-time where allowed, or a starved simulator would miss lerobot's reply timeout.
+        make_realtime(SIM_BUS_PRIORITY)
         # The calibration file exists before the port is announced: readers of the first line may connect at once.
         if args.calibration_dir is not None:
             path = write_calibration_file(args.calibration_dir, arm_id, args.role)
@@ -75,17 +78,7 @@ def _run_arm(args: argparse.Namespace) -> int:
     return 0
 
 
-def raise_priority(niceness: int = -10) -> None:
-    """Real servos answer within microseconds whatever the host is doing; a simulator starved of CPU for
-    lerobot's 50 ms reply timeout would report motors missing. Ask for a higher priority where allowed."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, niceness)
-    except PermissionError:
-        pass
-
-
 def run(args: argparse.Namespace) -> int:
-    raise_priority()
     if args.sim_command == "arm":
         return _run_arm(args)
     from zk0.hw.sim.rig import serve_rig  # the rig pulls in the world and renderer

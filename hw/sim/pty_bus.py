@@ -14,7 +14,6 @@ import time
 import tty
 from dataclasses import dataclass
 
-from zk0.hw.realtime import set_realtime
 from zk0.hw.sim.feetech import FeetechBus, PacketParser
 
 BITS_PER_BYTE = 10  # 8N1: start + 8 data + stop
@@ -68,7 +67,6 @@ class PtyBusServer:
         self.stop()
 
     def _serve(self) -> None:
-        set_realtime(SIM_BUS_PRIORITY)
         while not self._stopping:
             readable, _, _ = select.select([self._master, self._wake_r], [], [])
             if self._master not in readable:
