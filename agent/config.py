@@ -66,8 +66,8 @@ class RecordSettings:
     # SCHED_FIFO priority (1-99) of the control loop while it runs, so encoders and other work never delay
     # a tick; null runs it at normal priority. Needs root, CAP_SYS_NICE or systemd's LimitRTPRIO.
     realtime_priority: int | None = 20
-    # Seconds of video per camera that may wait for a busy encoder before the episode is rejected (memory:
-    # fps x seconds x width x height x 3 bytes per camera at worst).
+    # Seconds of video per camera that may wait for a busy encoder before the loop has to wait for it (late
+    # ticks, counted; memory: fps x seconds x width x height x 3 bytes per camera at worst).
     encoder_buffer_s: float = 20.0
 
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
-from lerobot.datasets import LeRobotDataset
 from lerobot.datasets.utils import DEFAULT_TASKS_PATH, INFO_PATH, STATS_PATH
 
+from zk0.agent.video_encoder import EncodingDataset
 from zk0.hw.realtime import threads_without_realtime
 
 ZK0_META_PATH = "meta/zk0.json"
@@ -403,14 +403,13 @@ def free_disk_mb(path: Path) -> float:
 class EncodingSettings:
     video_codec: str = "libsvtav1"
     encoder_threads: int | None = None
-    # Frames per camera that may wait for the encoder (lerobot's encoder queue). lerobot drops frames
-    # when it is full; zk0 then rejects the episode (see `commit_episode`), so size it for the backlog
-    # a busy host builds over an episode.
+    # Frames per camera that may wait for the encoder: the backlog a busy host may build over an episode
+    # before the writer (and through its ring, the recorder's loop) waits for the encoder.
     queue_frames: int = 300
 
 
 class EpisodeRejected(DatasetError):
-    """The episode was saved incomplete (e.g. the video encoder dropped frames) and was rolled back."""
+    """The episode was saved incomplete (e.g. a video shorter than its frames) and was rolled back."""
 
 
 class DatasetStore:
@@ -426,7 +425,7 @@ class DatasetStore:
         self.identity = identity
         self._record = record
         self._encoding = encoding
-        self._dataset: LeRobotDataset | None = None
+        self._dataset: EncodingDataset | None = None
 
     @classmethod
     def open(
@@ -456,7 +455,7 @@ class DatasetStore:
         if root.exists():
             root.rmdir()
         root.parent.mkdir(parents=True, exist_ok=True)
-        dataset = LeRobotDataset.create(
+        dataset = EncodingDataset.create(
             repo_id, fps, features=features, root=root, robot_type=identity.robot_type, use_videos=True,
             **_writer_kwargs(encoding),
         )
@@ -474,10 +473,10 @@ class DatasetStore:
     def episodes(self) -> list[EpisodeMeta]:
         return list(self._record.episodes)
 
-    def writer(self) -> LeRobotDataset:
+    def writer(self) -> EncodingDataset:
         """The dataset to `add_frame` the current episode into (resumed after every commit)."""
         if self._dataset is None:
-            self._dataset = LeRobotDataset.resume(self.repo_id, root=self.root, **_writer_kwargs(self._encoding))
+            self._dataset = EncodingDataset.resume(self.repo_id, root=self.root, **_writer_kwargs(self._encoding))
         return self._dataset
 
     @property
@@ -489,7 +488,7 @@ class DatasetStore:
         if dataset.has_pending_frames():
             dataset.add_frame(frame)
             return
-        # The first frame starts lerobot's encoder threads: keep SVT-AV1 from making them SCHED_FIFO 99.
+        # The first frame starts the episode's encoder threads: keep SVT-AV1 from making them SCHED_FIFO 99.
         with threads_without_realtime():
             dataset.add_frame(frame)
 

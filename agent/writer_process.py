@@ -1,12 +1,13 @@
 """The dataset store in a child process, so video encoding never delays the control loop.
 
-Two AV1 encoders plus their per-frame statistics are lerobot Python threads: in the recorder's process
-they hold the GIL for milliseconds at a time and take the cores the loop needs, which made ticks start tens
-of milliseconds late. Here the loop only copies each camera image into a shared-memory ring slot and sends
-a small message; the child (its encoder threads at the lowest CPU priority) feeds lerobot's `add_frame`, encodes and commits.
+Two AV1 encoders (SVT-AV1 threads driven by Python threads) in the recorder's process hold the GIL for
+milliseconds at a time and take the cores the loop needs, which made ticks start tens of milliseconds late.
+Here the loop only copies each camera image into a shared-memory ring slot and sends a small message; the
+child (its encoder threads at the lowest CPU priority) feeds lerobot's `add_frame`, encodes and commits.
 
-Flow control: the child publishes how many frames it has consumed; a full ring makes `add_frame` wait
-(a late tick, counted by the loop) rather than drop anything. Crash semantics are the store's: if the
+Flow control: the child publishes how many frames it has consumed; when the encoders fall behind, their
+queues and then the ring fill, and `add_frame` waits (a late tick, counted by the loop) rather than drop
+anything. Crash semantics are the store's: if the
 recorder dies, the child sees its pipe close and drops the episode in progress (committed episodes stay
 intact); if the child dies, the next call raises `WriterDied`.
 """
@@ -39,7 +40,7 @@ from zk0.hw.realtime import drop_realtime_rights
 # Errors the child reports by type, so callers handle them as if the store ran in-process.
 _REMOTE_ERRORS = {cls.__name__: cls for cls in (DatasetError, EpisodeRejected)}
 RING_WAIT_POLL_S = 0.001
-# lerobot's encoder threads and the dozens of SVT-AV1 threads each starts run at this niceness, so the
+# The encoder threads and the dozens of SVT-AV1 threads each starts run at this niceness, so the
 # hardware (and this process's main thread, which drains the ring) always come first.
 ENCODER_NICENESS = 19
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lerobot.datasets import LeRobotDataset
-from lerobot.datasets.video_utils import StreamingVideoEncoder
 
 from zk0.agent.dataset_store import (
     DatasetError,
@@ -24,6 +23,7 @@ from zk0.agent.dataset_store import (
     read_commit,
 )
 from zk0.agent.record import CAPTURE_TIME
+from zk0.agent.video_encoder import StreamingEncoder
 from zk0.agent.writer_process import WriterDied, WriterProcess
 
 from tests.agent.conftest import FEATURES
@@ -151,12 +151,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_episode_with_frames_missing_from_its_video_is_rejected(tmp_path: Path, monkeypatch) -> None:
-    """lerobot drops frames when its encoder queue stays full; such an episode must never be committed."""
+    """A video shorter than the episode's frames (lerobot's encoder drops frames when its queue is full; any
+    encoder could lose some) must never be committed."""
     store, _ = DatasetStore.open(tmp_path, NAME, FEATURES, 30, IDENTITY)
     for i in range(10):
         store.add_frame(frame(0, i))
     store.commit_episode(meta(0, 10))
-    feed = StreamingVideoEncoder.feed_frame
+    feed = StreamingEncoder.feed_frame
     fed = []
 
     def dropping_feed(self, key, image):  # what lerobot's feed_frame does with a full queue: skip the frame
@@ -164,12 +165,12 @@ def test_episode_with_frames_missing_from_its_video_is_rejected(tmp_path: Path, 
         if len(fed) <= 20:
             feed(self, key, image)
 
-    monkeypatch.setattr(StreamingVideoEncoder, "feed_frame", dropping_feed)
+    monkeypatch.setattr(StreamingEncoder, "feed_frame", dropping_feed)
     for i in range(40):
         store.add_frame(frame(1, i))
     with pytest.raises(EpisodeRejected, match="episode 1: video span"):
         store.commit_episode(meta(1, 40))
-    monkeypatch.setattr(StreamingVideoEncoder, "feed_frame", feed)
+    monkeypatch.setattr(StreamingEncoder, "feed_frame", feed)
     assert store.num_episodes == 1 and read_commit(tmp_path / NAME).committed == 1
     for i in range(10):
         store.add_frame(frame(1, i))
