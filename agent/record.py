@@ -32,12 +32,7 @@ from lerobot.utils.constants import ACTION, OBS_STR
 from lerobot.utils.feature_utils import build_dataset_frame, hw_to_dataset_features
 from lerobot.utils.robot_utils import precise_sleep
 
-from zk0.agent.dataset_store import (
-    EpisodeMeta,
-    EpisodeRejected,
-    fault_point,
-    free_disk_mb,
-)
+from zk0.agent.dataset_store import EpisodeMeta, EpisodeRejected, fault_point, free_disk_mb
 from zk0.hw.realtime import polling, realtime, shorten_gil_slices
 from zk0.hw.safety import JointLimits, clamp_target
 
@@ -270,8 +265,8 @@ class Recorder:
                 try:
                     self.store.commit_episode(meta)
                 except EpisodeRejected as error:
-                    # The host cannot encode what it records: more episodes would meet the same fate.
-                    summary.stopped_early = f"the video encoder could not keep up, episode {index} was rolled back: {error}"
+                    # An episode saved incomplete points at the encoder or the disk: later ones would likely fare no better.
+                    summary.stopped_early = f"episode {index} was saved incomplete and rolled back: {error}"
                     break
                 summary.saved.append(meta)
             if summary.stopped_for_disk:

@@ -15,6 +15,7 @@ writer process that fills the ring, and the recorder's loop then waits on the ri
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import shutil
 import tempfile
@@ -29,6 +30,9 @@ from lerobot.datasets import LeRobotDataset
 from lerobot.datasets.compute_stats import DEFAULT_QUANTILES, auto_downsample_height_width
 
 FEED_POLL_S = 0.5
+# Encoding is bulk work that may lag and catch up: each encoder thread, and the SVT-AV1 threads it starts
+# (Linux threads inherit their creator's niceness), yields to the hardware and to whatever feeds it.
+ENCODER_NICENESS = 19
 
 
 class PixelStats:
@@ -89,6 +93,7 @@ class _CameraEncoder(threading.Thread):
         self.cancelled = False
 
     def run(self) -> None:
+        os.setpriority(os.PRIO_PROCESS, 0, ENCODER_NICENESS)  # this thread only, on Linux
         try:
             with av.open(str(self.path), "w") as container:
                 stream = None

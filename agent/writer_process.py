@@ -15,9 +15,7 @@ intact); if the child dies, the next call raises `WriterDied`.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
-import threading
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -40,9 +38,6 @@ from zk0.hw.realtime import drop_realtime_rights
 # Errors the child reports by type, so callers handle them as if the store ran in-process.
 _REMOTE_ERRORS = {cls.__name__: cls for cls in (DatasetError, EpisodeRejected)}
 RING_WAIT_POLL_S = 0.001
-# The encoder threads and the dozens of SVT-AV1 threads each starts run at this niceness, so the
-# hardware (and this process's main thread, which drains the ring) always come first.
-ENCODER_NICENESS = 19
 
 class WriterDied(DatasetError):
     """The writer process is gone; committed episodes are intact, the one in progress is lost."""
@@ -251,23 +246,8 @@ def _serve(connection: Connection, recorder_end: Connection, ring_names: dict[st
         connection.close()
 
 
-def _lower_other_threads(main_thread: int, lowered: set[int]) -> None:
-    """Demote every thread of this process but the main one (encoder threads start per episode and inherit
-    the main thread's priority, which must stay normal so the ring keeps draining)."""
-    for name in os.listdir("/proc/self/task"):
-        thread = int(name)
-        if thread == main_thread or thread in lowered:
-            continue
-        try:
-            os.setpriority(os.PRIO_PROCESS, thread, ENCODER_NICENESS)
-        except (ProcessLookupError, PermissionError):
-            continue
-        lowered.add(thread)
-
-
 def _serve_requests(connection: Connection, ring: _Ring, consumed, store: DatasetStore) -> None:
     failed_frame = False  # after a frame failed, the episode is void until discarded
-    main_thread, lowered = threading.get_native_id(), set()
     while True:
         try:
             message = connection.recv()
@@ -281,17 +261,13 @@ def _serve_requests(connection: Connection, ring: _Ring, consumed, store: Datase
                     slot = seq % ring.slots
                     store.add_frame({**fields, **{key: images[slot] for key, images in ring.images.items()}})
                 consumed.value = seq + 1
-                # Per frame: encoder threads appear as the episode's first frames reach the encoder.
-                _lower_other_threads(main_thread, lowered)
             elif kind == "commit":
                 if failed_frame:
                     raise DatasetError("a frame of this episode could not be written; discard it")
                 store.commit_episode(message[1])
-                lowered.clear()  # the episode's encoder threads are gone; their ids may be reused
                 connection.send(("ok", store.num_episodes))
             elif kind == "discard":
                 store.discard_episode()
-                lowered.clear()
                 failed_frame = False
                 connection.send(("ok", None))
             elif kind == "close":

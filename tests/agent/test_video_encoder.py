@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from lerobot.datasets.compute_stats import RunningQuantileStats, auto_downsample
 from zk0.agent import video_encoder
 from zk0.agent.dataset_store import DatasetIdentity, DatasetStore, EpisodeMeta
 from zk0.agent.record import CAPTURE_TIME
-from zk0.agent.video_encoder import PixelStats, StreamingEncoder
+from zk0.agent.video_encoder import ENCODER_NICENESS, PixelStats, StreamingEncoder
 
 from tests.agent.conftest import FEATURES
 
@@ -108,6 +109,26 @@ def test_encoder_failure_is_raised_to_the_feeder_with_the_camera_named(tmp_path:
             time.sleep(0.01)
     encoder.cancel_episode()
     assert not list(tmp_path.iterdir())
+
+
+def test_encoder_threads_and_the_codec_threads_they_start_run_at_the_lowest_priority(tmp_path: Path) -> None:
+    before = set(os.listdir("/proc/self/task"))
+    encoder = StreamingEncoder(30, RGBEncoderConfig(), queue_frames=4, encoder_threads=2)
+    encoder.start_episode([KEY], tmp_path)
+    for i in range(5):
+        encoder.feed_frame(KEY, np.full((48, 64, 3), i, np.uint8))
+    deadline = time.monotonic() + 30
+    while len(set(os.listdir("/proc/self/task")) - before) < 3 and time.monotonic() < deadline:  # SVT starts its threads
+        time.sleep(0.05)
+    niceness = {}
+    for thread in set(os.listdir("/proc/self/task")) - before:
+        try:
+            niceness[thread] = os.getpriority(os.PRIO_PROCESS, int(thread))
+        except ProcessLookupError:
+            continue
+    encoder.finish_episode()
+    assert len(niceness) >= 3 and set(niceness.values()) == {ENCODER_NICENESS}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # the feeding thread keeps its own
 
 
 def test_bad_images_are_refused_by_name(tmp_path: Path) -> None:
