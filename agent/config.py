@@ -14,32 +14,10 @@ from typing import Any, Literal
 import yaml
 
 from zk0.agent.control import DEFAULT_CONTROL_ADDRESS
-from zk0.cli.typed_yaml import ConfigError, build
+from zk0.hw.config import ArmConfig, CameraConfig
+from zk0.common.typed_yaml import ConfigError, build
 
 DEFAULT_DATASETS_ROOT = Path("/var/lib/zk0/datasets")
-
-
-@dataclass(frozen=True)
-class ArmConfig:
-    """One arm on a Feetech bus: `id` names its calibration file `<calibration_dir>/<id>.json`."""
-
-    port: str
-    id: str
-    calibration_dir: Path
-
-
-@dataclass(frozen=True)
-class CameraConfig:
-    """One camera. `index_or_path` is an OpenCV index or device path; zmq cameras use `host`/`port`."""
-
-    name: str
-    type: Literal["opencv", "zmq"] = "opencv"
-    width: int = 640
-    height: int = 480
-    fps: int = 30
-    index_or_path: int | str | None = None
-    host: str = "localhost"
-    port: int = 5555
 
 
 @dataclass(frozen=True)

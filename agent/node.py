@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from zk0.server.launch import flower_env, flower_tool
+from zk0.common.flower_process import flower_env, flower_tool
 
 
 class NodeConfigError(ValueError):

@@ -89,11 +89,12 @@ def _record(config, args: argparse.Namespace) -> int:
         environment = None
         if args.sim:
             config, environment = _start_sim(config, args, stack)
-        robot, leader = make_follower(config), make_leader(config)
+        robot = make_follower(config.follower, config.cameras, config.record.read_retries)
+        leader = make_leader(config.leader, config.record.read_retries)
         # Opened before any thread starts: the writer is a forked child process (see zk0.agent.writer_process).
         store, repair = WriterProcess.open(
             root, args.dataset, dataset_features(robot), config.record.fps,
-            DatasetIdentity(config.host_id, config.robot_type, calibration_hash(config)),
+            DatasetIdentity(config.host_id, config.robot_type, calibration_hash((config.follower, config.leader))),
             EncodingSettings(config.record.video_codec, config.record.encoder_threads,
                              queue_frames=int(config.record.encoder_buffer_s * config.record.fps)),
         )
@@ -111,7 +112,7 @@ def _record(config, args: argparse.Namespace) -> int:
             task=args.task, episodes=args.episodes, fps=config.record.fps,
             episode_time_s=config.record.episode_time_s, reset_time_s=config.record.reset_time_s,
             min_rate_fraction=config.record.min_rate_fraction, min_free_disk_mb=config.record.min_free_disk_mb,
-            max_relative_target=config.safety.max_relative_target, calibration_hash=calibration_hash(config),
+            max_relative_target=config.safety.max_relative_target, calibration_hash=calibration_hash((config.follower, config.leader)),
             max_failed_ticks_in_row=config.record.max_failed_ticks_in_row,
             realtime_priority=config.record.realtime_priority,
         )
@@ -138,7 +139,8 @@ def _start_sim(config, args, stack: ExitStack):
     """Start the simulated rig and point the config at its ports, cameras and calibration files."""
     import tempfile
 
-    from zk0.agent.config import ArmConfig, CameraConfig, ConfigError
+    from zk0.agent.config import ConfigError
+    from zk0.hw.config import ArmConfig, CameraConfig
     from zk0.hw.sim.rig import RigHandle
 
     task_name = sim_task_name(args.task)

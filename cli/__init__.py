@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("zk0.server.launch", "run the federation server: Flower SuperLink + zk0 ServerApp"),
     "node": ("zk0.agent.node", "run this host's Flower SuperNode"),
     "certs": ("zk0.server.certs", "generate the CA, SuperLink certificate and SuperNode keys"),
-    "fleet": ("zk0.server.fleet", "run a whole federation on this machine (SuperLink + one SuperNode per dataset)"),
+    "fleet": ("zk0.cli.fleet", "run a whole federation on this machine (SuperLink + one SuperNode per dataset)"),
     "demo": ("zk0.cli.demo", "the zk0 demo on simulated hardware"),
 }
 

@@ -1,4 +1,4 @@
-"""lerobot follower, leader and cameras built from a zk0 `AgentConfig` (real ports or the sim rig's).
+"""lerobot follower, leader and cameras built from zk0's hardware description (real ports or the sim rig's).
 
 Arms connect with the calibration files the config names and never prompt: when the motors' EPROM
 disagrees with the file, the file is written to the motors, which is what pressing ENTER at lerobot's
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from lerobot.cameras import CameraConfig as LeRobotCameraConfig
@@ -19,7 +20,7 @@ from lerobot.robots.so_follower import SOFollower, SOFollowerRobotConfig
 from lerobot.teleoperators import Teleoperator
 from lerobot.teleoperators.so_leader import SOLeader, SOLeaderTeleopConfig
 
-from zk0.agent.config import AgentConfig, ArmConfig, CameraConfig
+from zk0.hw.config import ArmConfig, CameraConfig
 from zk0.hw.safety import JointLimits, limits_from_calibration
 
 logger = logging.getLogger(__name__)
@@ -41,23 +42,22 @@ def camera_config(camera: CameraConfig) -> LeRobotCameraConfig:
 # SO-100 and SO-101 share lerobot's SOFollower/SOLeader classes; `robot_type` only names the hardware.
 
 
-def make_follower(config: AgentConfig) -> Robot:
+def make_follower(arm: ArmConfig, cameras: Sequence[CameraConfig], read_retries: int) -> Robot:
     """The follower arm with every configured camera. zk0 clamps targets itself (see zk0.hw.safety)."""
     robot_config = SOFollowerRobotConfig(
-        port=config.follower.port,
-        id=config.follower.id,
-        calibration_dir=config.follower.calibration_dir,
-        cameras={camera.name: camera_config(camera) for camera in config.cameras},
+        port=arm.port,
+        id=arm.id,
+        calibration_dir=arm.calibration_dir,
+        cameras={camera.name: camera_config(camera) for camera in cameras},
         use_degrees=True,
-        num_read_retries=config.record.read_retries,
+        num_read_retries=read_retries,
     )
     return SOFollower(robot_config)
 
 
-def make_leader(config: AgentConfig) -> Teleoperator:
+def make_leader(arm: ArmConfig, read_retries: int) -> Teleoperator:
     teleop_config = SOLeaderTeleopConfig(
-        port=config.leader.port, id=config.leader.id, calibration_dir=config.leader.calibration_dir, use_degrees=True,
-        num_read_retries=config.record.read_retries,
+        port=arm.port, id=arm.id, calibration_dir=arm.calibration_dir, use_degrees=True, num_read_retries=read_retries,
     )
     return SOLeader(teleop_config)
 
@@ -110,10 +110,10 @@ def follower_limits(robot: Robot) -> JointLimits:
     return limits_from_calibration(robot.calibration, {name: motor.norm_mode for name, motor in robot.bus.motors.items()})
 
 
-def calibration_hash(config: AgentConfig) -> str:
-    """SHA-256 over both arms' calibration files: datasets record which calibration produced them."""
+def calibration_hash(arms: Sequence[ArmConfig]) -> str:
+    """SHA-256 over the arms' calibration files: datasets record which calibration produced them."""
     digest = hashlib.sha256()
-    for arm in (config.follower, config.leader):
+    for arm in arms:
         digest.update(calibration_file(arm).read_bytes())
     return digest.hexdigest()
 

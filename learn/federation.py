@@ -33,6 +33,10 @@ QUERY_STATS = "stats"
 # update of the steps it did, with {PREEMPTED: reason} (its metrics count the steps actually done).
 DECLINED = "declined"
 PREEMPTED = "preempted"
+# Keys of the INFO_RECORD every reply carries: the node's stable dataset id (a digest, see
+# zk0.learn.data.dataset_stable_id) and a human name for reports and plots (the host id, or a dataset name).
+DATASET_ID = "dataset-id"
+NODE_NAME = "node-name"
 
 
 def stats_to_record(stats: fedstats.SufficientStats) -> ArrayRecord:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from zk0.cli.typed_yaml import ConfigError, build
+from zk0.common.typed_yaml import ConfigError, build
 
 from zk0.server.schedule import ScheduleConfig
 

@@ -12,8 +12,8 @@ import pytest
 
 from zk0.agent.node import NodeSettings, supernode_command
 from zk0.server.certs import create_node_key
-from zk0.server.fleet import LocalFleet
-from zk0.server.launch import ManagedProcess, free_port
+from zk0.cli.fleet import LocalFleet
+from zk0.common.flower_process import ManagedProcess, free_port
 
 PROBE_APP = textwrap.dedent('''
     import json

@@ -77,7 +77,7 @@ def test_fleet_local_three_rounds_with_a_corrupt_node(tmp_path, datasets, fast_c
 @pytest.mark.slow
 def test_killed_server_resumes_at_round_3(tmp_path, datasets, fast_config):
     from zk0.server.config import load_server_config
-    from zk0.server.fleet import LocalFleet
+    from zk0.cli.fleet import LocalFleet
     from zk0.server.launch import wait_for_run
 
     run = tmp_path / "run"

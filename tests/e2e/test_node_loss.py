@@ -16,8 +16,9 @@ import time
 import pytest
 
 from zk0.server.config import load_server_config
-from zk0.server.fleet import LocalFleet
-from zk0.server.launch import ManagedProcess, wait_for_run, write_app_dir
+from zk0.cli.fleet import LocalFleet
+from zk0.common.flower_process import ManagedProcess
+from zk0.server.launch import wait_for_run, write_app_dir
 
 
 def _crash(process: ManagedProcess) -> None:

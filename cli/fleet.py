@@ -16,14 +16,12 @@ from pathlib import Path
 
 from zk0.agent.node import NodeSettings, supernode_command
 from zk0.server.certs import CertPaths, ensure_federation_keys
+from zk0.common.flower_process import LaunchError, ManagedProcess, free_port
 from zk0.server.launch import (
     ZK0_COMPONENTS,
     FlowerCli,
-    LaunchError,
-    ManagedProcess,
     RunConfigValue,
     SuperLinkSpec,
-    free_port,
     start_superlink,
     wait_for_run,
     write_app_dir,
