@@ -44,9 +44,12 @@ class NodesConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    max_update_norm: float | None = None  # L2 norm of (update - global) over all tensors; None: no bound
+    # Reject an update farther (L2 over all tensors) from the global than this multiple of the round's reference
+    # distance (the lower median over the round's decoded updates; see zk0.server.strategy.norm_rejections).
+    norm_bound_multiple: float | None = 10.0  # None: no relative bound
+    max_update_norm: float | None = None  # absolute bound on the same distance; None: no bound
     aggregation: Literal["fedavg", "trimmed-mean", "median"] = "fedavg"
-    trim_fraction: float = 0.2  # per side, for trimmed-mean
+    trim_fraction: float = 0.2  # per side, for trimmed-mean (at least one per side from 3 updates)
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,12 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "round-timeout": ("nodes", "round_timeout_s"),
     "aggregation": ("validation", "aggregation"),
     "max-update-norm": ("validation", "max_update_norm"),
+    "norm-bound-multiple": ("validation", "norm_bound_multiple"),
     "eval-datasets": ("evaluation", "datasets"),
     "patience": ("evaluation", "patience"),
 }
+# Flower run config has no null: 0 in these keys means "no bound"
+_ZERO_IS_NULL = {"max-update-norm", "norm-bound-multiple"}
 # `zk0 fleet` and tests override by field name; these are the ones outside their section's name
 _SHORT_OVERRIDES = {"rounds": ("training", "rounds"), "model": ("training", "model"),
                     "run_dir": ("", "run_dir"), "eval_datasets": ("evaluation", "datasets"),
@@ -126,7 +132,9 @@ def _check(config: ServerConfig) -> None:
         (0 <= n.fraction_evaluate <= 1, "nodes.fraction_evaluate: must be in [0, 1]"),
         (n.round_timeout_s > 0, "nodes.round_timeout_s: must be > 0"),
         (v.max_update_norm is None or v.max_update_norm > 0, "validation.max_update_norm: must be > 0 or null"),
-        (0 <= v.trim_fraction < 0.5, "validation.trim_fraction: must be in [0, 0.5)"),
+        (v.norm_bound_multiple is None or v.norm_bound_multiple >= 1,
+         "validation.norm_bound_multiple: must be >= 1 or null"),
+        (0 < v.trim_fraction < 0.5, "validation.trim_fraction: must be in (0, 0.5)"),
         (e.patience >= 0, "evaluation.patience: must be >= 0"),
         (e.max_samples >= 1, "evaluation.max_samples: must be >= 1"),
         (0 < config.deployment.port < 65536, "deployment.port: must be in 1..65535"),
@@ -156,8 +164,8 @@ def parse_server_config(raw: Any, overrides: Mapping[str, Any] | None = None) ->
         target = RUN_CONFIG_KEYS.get(key) or _SHORT_OVERRIDES.get(key)
         if target is None:
             raise ConfigError(f"{key}: unknown override (known: {', '.join(sorted(RUN_CONFIG_KEYS))})")
-        if key == "max-update-norm" and value == 0:
-            value = None  # Flower run config has no null: 0 means no bound
+        if key in _ZERO_IS_NULL and value == 0:
+            value = None
         _apply(raw, *target, value)
     config = build(ServerConfig, raw)
     _check(config)

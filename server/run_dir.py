@@ -1,12 +1,14 @@
 """A federated run's directory: what a user keeps, and what a restarted server resumes from.
 
-    RUN/federated_metrics.json        per round: per-client outcome (accepted, rejected, declined, lost,
-                                      failed, no reply) with its reason and train metrics, aggregated
-                                      train metrics, server eval, lr, mu, bytes in and out; plus the
-                                      schedule history a resumed run continues with
+    RUN/federated_metrics.json        per round: per-client name and outcome (accepted, rejected, declined,
+                                      lost, failed, no reply) with its reason and train metrics, aggregated
+                                      train metrics, server eval, lr, mu, bytes in and out; each node's
+                                      answer to the statistics query (normalization.nodes); plus the
+                                      history a resumed run continues with (schedule, nodes' datasets)
     RUN/round_<N>_server_eval.json    the server evaluation after round N (0: the initial model)
     RUN/checkpoints/round_<N>/        the global policy (lerobot save_pretrained + zk0.json + stats)
-    RUN/plots/*.png                   server eval loss, client train losses, lr and mu per round
+    RUN/plots/*.png                   server eval loss, client train loss per node (by node name), lr and mu
+                                      per round (zk0.learn.plots)
 
 Every file is replaced atomically (write to a temporary name, then rename), and the metrics are
 written only after the round's checkpoint, so the last round in the metrics always has one.
@@ -19,10 +21,11 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from zk0.learn.plots import Panel, line_chart, panel_chart
 
 METRICS_FILE = "federated_metrics.json"
 
@@ -77,47 +80,53 @@ class RunDir:
         self.plot(rounds)
 
     def plot(self, rounds: Sequence[Mapping[str, Any]]) -> None:
-        xs = [r["round"] for r in rounds]
-        server = {"server eval loss": [r.get("server_eval", {}).get("loss", np.nan) for r in rounds]}
-        clients: dict[str, list[float]] = {}
-        for i, r in enumerate(rounds):
-            for name, c in r.get("clients", {}).items():
-                clients.setdefault(f"node {name}", [np.nan] * len(rounds))[i] = c.get("metrics", {}).get("policy-loss", np.nan)
-        schedule = {"lr x1e4": [r.get("lr", np.nan) * 1e4 for r in rounds], "mu x100": [r.get("mu", np.nan) * 100 for r in rounds]}
-        draw_lines(self.root / "plots" / "server_eval_loss.png", xs, server, "server eval loss per round")
-        if clients:
-            draw_lines(self.root / "plots" / "client_train_loss.png", xs, clients, "client train loss per round")
-        draw_lines(self.root / "plots" / "lr_mu.png", xs, schedule, "scheduled lr and mu")
+        series = round_series(rounds)
+        plots = self.root / "plots"
+        line_chart(plots / "server_eval_loss.png", series.rounds, {"server eval loss": series.server_eval_loss},
+                   title="Server evaluation loss (held-out data)", xlabel="round", ylabel="loss")
+        if series.client_train_loss:
+            line_chart(plots / "client_train_loss.png", series.rounds, series.client_train_loss,
+                       title="Client training loss per node", xlabel="round", ylabel="policy loss")
+        panel_chart(plots / "lr_mu.png", series.rounds,
+                    [Panel({"learning rate": series.lr}, "learning rate", yformat=".1e"),
+                     Panel({"proximal mu": series.mu}, "FedProx mu")],
+                    title="Scheduled learning rate and FedProx mu", xlabel="round")
 
 
-_COLORS = [(180, 80, 20), (30, 120, 220), (40, 160, 40), (20, 20, 200), (150, 60, 150), (0, 150, 150)]
+@dataclass(frozen=True)
+class RoundSeries:
+    """What the run's plots show, one value per recorded round (NaN where a round has none)."""
+
+    rounds: list[int]
+    server_eval_loss: list[float]
+    client_train_loss: dict[str, list[float]]  # by node label
+    lr: list[float]
+    mu: list[float]
 
 
-def draw_lines(path: Path, xs: Sequence[float], series: Mapping[str, Sequence[float]], title: str,
-               width: int = 720, height: int = 400) -> None:
-    """A line chart PNG drawn with OpenCV (matplotlib is not a zk0 dependency)."""
-    import cv2
+def node_labels(names: Mapping[str, str]) -> dict[str, str]:
+    """Plot label by node id: the node's name, else "node <id>"; a name two nodes share gets their ids."""
+    labels = {node_id: name or f"node {node_id}" for node_id, name in names.items()}
+    shared = {label for label in labels.values() if list(labels.values()).count(label) > 1}
+    return {node_id: f"{label} ({node_id})" if label in shared else label for node_id, label in labels.items()}
 
-    image = np.full((height, width, 3), 255, np.uint8)
-    margin, font = 48, cv2.FONT_HERSHEY_SIMPLEX
-    values = np.array([v for s in series.values() for v in s], dtype=float)
-    finite = values[np.isfinite(values)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    span, x_lo, x_span = (hi - lo) or 1.0, min(xs, default=0), (max(xs, default=1) - min(xs, default=0)) or 1
-    cv2.rectangle(image, (margin, margin), (width - margin, height - margin), (200, 200, 200), 1)
-    for i, (name, ys) in enumerate(series.items()):
-        color = _COLORS[i % len(_COLORS)]
-        points = [(margin + (x - x_lo) / x_span * (width - 2 * margin), height - margin - (y - lo) / span * (height - 2 * margin))
-                  for x, y in zip(xs, ys) if np.isfinite(y)]
-        pts = np.round(np.array(points)).astype(np.int32) if points else None
-        if pts is not None:
-            cv2.polylines(image, [pts], False, color, 2)
-            for p in pts:
-                cv2.circle(image, tuple(int(c) for c in p), 3, color, -1)
-        cv2.putText(image, name, (width - margin - 170, margin + 16 + 16 * i), font, 0.42, color, 1)
-    cv2.putText(image, title, (margin, 28), font, 0.55, (0, 0, 0), 1)
-    cv2.putText(image, f"{hi:.4g}", (2, margin + 4), font, 0.38, (0, 0, 0), 1)
-    cv2.putText(image, f"{lo:.4g}", (2, height - margin), font, 0.38, (0, 0, 0), 1)
-    cv2.putText(image, f"round {x_lo}", (margin, height - margin + 18), font, 0.38, (0, 0, 0), 1)
-    cv2.putText(image, f"{max(xs, default=0)}", (width - margin - 20, height - margin + 18), font, 0.38, (0, 0, 0), 1)
-    cv2.imwrite(str(path), image)
+
+def round_series(rounds: Sequence[Mapping[str, Any]]) -> RoundSeries:
+    """The plotted series of the recorded rounds."""
+    nan = float("nan")
+    names: dict[str, str] = {}
+    for r in rounds:
+        for node_id, client in r.get("clients", {}).items():
+            names[node_id] = client.get("name") or names.get(node_id, "")
+    labels = node_labels(names)
+    clients = {label: [nan] * len(rounds) for label in labels.values()}
+    for i, r in enumerate(rounds):
+        for node_id, client in r.get("clients", {}).items():
+            clients[labels[node_id]][i] = client.get("metrics", {}).get("policy-loss", nan)
+    return RoundSeries(
+        rounds=[r["round"] for r in rounds],
+        server_eval_loss=[r.get("server_eval", {}).get("loss", nan) for r in rounds],
+        client_train_loss=clients,
+        lr=[r.get("lr", nan) for r in rounds],
+        mu=[r.get("mu", nan) for r in rounds],
+    )

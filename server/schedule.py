@@ -5,7 +5,12 @@ The server decides, before each round, the LR and mu every node trains with. The
 - cosine annealing with warm restarts (SGDR): cycles of T0, T0*T_mult, T0*T_mult^2 ... rounds,
   annealing from the base LR down to eta_min within each cycle;
 - plateau: when the server eval loss improved by less than 1 % over the last 5 rounds, the LR
-  multiplier grows x1.15 (the final LR never exceeds `max_lr`), to push out of a flat region;
+  multiplier grows x1.15 (the final LR never exceeds `max_lr`), to push out of a flat region. The
+  boost fires once per detected plateau: the next one needs a new full window of 5 rounds trained
+  after it (rounds r..r+4 after a boost at round r), so a lasting plateau does not compound it;
+- improvement: a round whose loss is at least 1 % (`plateau_min_improvement`) below the best loss
+  before it halves the multiplier's excess over 1 (1.15 -> 1.075 -> 1.0375 ...): the boost is
+  withdrawn once it has done its job. A multiplier below 1 (spike damping) is left as it is;
 - spike: when the loss rose by more than 0.5 over the last 3 rounds, the multiplier is held (no
   plateau boost that round) and damped x`spike_damping`, because a rising loss means steps are too big;
 - mu decays x0.98 per round down to `mu_min`: strong pull to the global model early, when clients
@@ -16,8 +21,9 @@ The server decides, before each round, the LR and mu every node trains with. The
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,18 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class ScheduleState:
-    """What the schedule carries from round to round (saved with checkpoints for resume)."""
+    """What the schedule carries from round to round (saved with the run's metrics for resume)."""
 
     lr_scale: float = 1.0
+    boost_round: int | None = None  # the round the last plateau boost fired in, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ScheduleState:
+        boost_round = data.get("boost_round")
+        return cls(float(data.get("lr_scale", 1.0)), None if boost_round is None else int(boost_round))
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,7 @@ class RoundSchedule:
     lr: float
     mu: float
     state: ScheduleState
-    reason: str  # "cosine", "plateau", "spike": what moved the LR this round
+    reason: str  # "cosine", "plateau", "spike", "decay": what moved the LR this round
 
 
 def cosine_warm_restart_lr(server_round: int, cfg: ScheduleConfig) -> float:
@@ -104,6 +119,19 @@ def is_spike(losses: Sequence[float], cfg: ScheduleConfig) -> bool:
     return losses[-1] - losses[-cfg.spike_window] > cfg.spike_rise
 
 
+def is_improvement(losses: Sequence[float], cfg: ScheduleConfig) -> bool:
+    """True when the last loss is at least `plateau_min_improvement` (relative) below the best before it."""
+    if len(losses) < 2:
+        return False
+    best_before = min(losses[:-1])
+    return best_before - losses[-1] >= cfg.plateau_min_improvement * abs(best_before)
+
+
+def boost_allowed(server_round: int, state: ScheduleState, cfg: ScheduleConfig) -> bool:
+    """A plateau boost may fire only once a full window of rounds has trained since the last one."""
+    return state.boost_round is None or server_round - state.boost_round >= cfg.plateau_window
+
+
 def global_mu(server_round: int, cfg: ScheduleConfig) -> float:
     """mu for a 1-based round: base_mu * mu_decay^(round-1), never below mu_min."""
     return max(cfg.mu_min, cfg.base_mu * cfg.mu_decay ** (server_round - 1))
@@ -120,16 +148,20 @@ def schedule_round(
     server_round: int, eval_losses: Sequence[float], state: ScheduleState, cfg: ScheduleConfig
 ) -> RoundSchedule:
     """LR and mu for `server_round`, given the server eval losses of the rounds before it."""
-    lr_scale, reason = state.lr_scale, "cosine"
+    lr_scale, boost_round, reason = state.lr_scale, state.boost_round, "cosine"
     if is_spike(eval_losses, cfg):
         lr_scale, reason = lr_scale * cfg.spike_damping, "spike"
     elif is_plateau(eval_losses, cfg):
-        lr_scale, reason = lr_scale * cfg.plateau_boost, "plateau"
+        if boost_allowed(server_round, state, cfg):
+            lr_scale, boost_round, reason = lr_scale * cfg.plateau_boost, server_round, "plateau"
+    elif lr_scale > 1 and is_improvement(eval_losses, cfg):
+        lr_scale, reason = 1 + (lr_scale - 1) / 2, "decay"
     lr = cosine_warm_restart_lr(server_round, cfg) * lr_scale
     if lr > cfg.max_lr:
         # Keep the multiplier where it reaches the cap, so it does not keep growing invisibly.
         lr_scale *= cfg.max_lr / lr
         lr = cfg.max_lr
     return RoundSchedule(
-        lr=lr, mu=global_mu(server_round, cfg), state=replace(state, lr_scale=lr_scale), reason=reason
+        lr=lr, mu=global_mu(server_round, cfg), state=replace(state, lr_scale=lr_scale, boost_round=boost_round),
+        reason=reason
     )

@@ -4,16 +4,24 @@ Flow of one run (Flower's `ServerApp` + `Grid`; rounds driven here rather than b
 so that a restarted server resumes at the round after its last checkpoint and can stop early):
 
 1. normalization agreement: every node answers a statistics query with its sufficient statistics;
-   the exact union is the normalization every participant and every checkpoint uses;
+   each answer is checked (statistics that do not decode or are malformed, no dataset id: rejected,
+   with the reason logged) and recorded per node in `federated_metrics.json` under
+   `normalization.nodes`; the exact union of the valid ones is the normalization every participant
+   and every checkpoint uses. Fewer valid answers than `nodes.min_nodes` end the run;
 2. round 0: the initial global policy is evaluated on the server's held-out data and saved;
 3. each round: train (LR/mu from the schedule, per node) -> validate + aggregate -> nodes evaluate and
    store the new global -> server evaluation -> checkpoint, metrics, plots -> early-stopping check.
+
+A run that cannot go on (too few nodes within the round timeout, too few valid statistics) raises
+`FederationAborted`: `main` logs its one-line reason to server.log and ends the ServerApp normally.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +39,10 @@ from zk0.learn.federation import (
 )
 from zk0.server.evaluation import EarlyStopping, ServerEvaluator
 from zk0.server.run_dir import RunDir, outcome_summary
-from zk0.server.strategy import FederationHistory, Zk0FedProx, wait_for_nodes
+from zk0.server.strategy import (
+    FederationAborted, FederationHistory, Outcome, Zk0FedProx, error_outcome, match_replies, node_identity,
+    node_label, wait_for_nodes,
+)
 
 log = logging.getLogger("zk0.server")
 
@@ -39,32 +50,106 @@ log = logging.getLogger("zk0.server")
 app = ServerApp()
 
 
-def agree_normalization(grid: Grid, min_nodes: int, timeout_s: float) -> tuple[fedstats.SufficientStats, list[str]]:
-    """Ask every connected node (at least `min_nodes`) for its statistics and combine them exactly."""
-    node_ids = wait_for_nodes(grid, min_nodes)
+@dataclass(frozen=True)
+class StatsAnswer:
+    """One node's answer to the statistics query (outcomes: accepted, rejected, failed, lost, no reply)."""
+
+    outcome: Outcome
+    reason: str = ""
+    name: str = ""
+    dataset_id: str = ""
+    stats: fedstats.SufficientStats | None = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "dataset_id": self.dataset_id, "outcome": str(self.outcome), "reason": self.reason}
+
+
+def judge_stats_reply(reply: Message) -> StatsAnswer:
+    """A statistics reply checked like an update: accepted with its statistics, or refused with the reason."""
+    if reply.has_error():
+        return StatsAnswer(error_outcome(reply.error), reply.error.reason)
+    info = reply.content.config_records.get(INFO_RECORD)
+    if info is None:
+        return StatsAnswer(Outcome.REJECTED, "reply carries no info record")
+    dataset_id, name = node_identity(info)
+    if not dataset_id:
+        return StatsAnswer(Outcome.REJECTED, "reply carries no dataset id", name)
+    record = reply.content.array_records.get(STATS_RECORD)
+    if record is None:
+        return StatsAnswer(Outcome.REJECTED, "reply carries no statistics", name, dataset_id)
+    try:
+        stats = stats_from_record(record)
+    except fedstats.StatsInvalid as err:
+        return StatsAnswer(Outcome.REJECTED, err.reason, name, dataset_id)
+    return StatsAnswer(Outcome.ACCEPTED, "", name, dataset_id, stats)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The agreed statistics, the datasets they cover and every queried node's answer."""
+
+    stats: fedstats.SufficientStats
+    dataset_ids: list[str]
+    nodes: dict[int, StatsAnswer]
+
+    def to_json(self) -> dict[str, Any]:
+        """What `federated_metrics.json` keeps under "normalization"."""
+        return {"nodes": {str(node_id): answer.to_json() for node_id, answer in self.nodes.items()}}
+
+
+def combine_answers(
+    answers: Mapping[int, StatsAnswer],
+) -> tuple[dict[int, StatsAnswer], dict[str, fedstats.SufficientStats]]:
+    """(every node's final answer, the accepted statistics by dataset id). Each dataset counts once (two nodes
+    may report the same data); an answer whose statistics do not combine with those before it is rejected."""
+    nodes = dict(answers)
+    by_dataset: dict[str, fedstats.SufficientStats] = {}
+    for node_id, answer in answers.items():
+        if answer.stats is None or answer.dataset_id in by_dataset:
+            continue
+        try:
+            fedstats.combine([*by_dataset.values(), answer.stats])
+        except fedstats.StatsMismatch as err:
+            nodes[node_id] = StatsAnswer(Outcome.REJECTED, f"statistics do not combine with the others: {err}",
+                                         answer.name, answer.dataset_id)
+            continue
+        by_dataset[answer.dataset_id] = answer.stats
+    return nodes, by_dataset
+
+
+def agree_normalization(grid: Grid, min_nodes: int, timeout_s: float) -> Normalization:
+    """Ask every connected node (at least `min_nodes`) for its statistics and combine the valid ones exactly;
+    `FederationAborted` when fewer than `min_nodes` answers are valid."""
+    node_ids = wait_for_nodes(grid, min_nodes, timeout_s)
     query = [Message(RecordDict({"config": ConfigRecord({"query": QUERY_STATS})}), message_type=MessageType.QUERY,
                      dst_node_id=node_id) for node_id in node_ids]
-    by_dataset: dict[str, fedstats.SufficientStats] = {}
-    answered = 0
-    for reply in grid.send_and_receive(query, timeout=timeout_s):
-        if reply.has_error():
-            log.warning("statistics query: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
-            continue
-        answered += 1
-        # The same data reported by two nodes is counted once: the agreement is over the union of frames.
-        dataset_id = str(reply.content.config_records[INFO_RECORD]["dataset-id"])
-        by_dataset[dataset_id] = stats_from_record(reply.content.array_records[STATS_RECORD])
-    if answered < min_nodes:
-        raise RuntimeError(f"statistics query: {answered} nodes answered, {min_nodes} needed")
-    parts = list(by_dataset.values())
-    log.info("normalization agreed over %d nodes, %d datasets, %d frames", answered, len(parts),
-             sum(p.count for p in parts))
-    return fedstats.combine(parts), sorted(by_dataset)
+    answers = {node_id: StatsAnswer(Outcome.NO_REPLY, "no answer within the round timeout") for node_id in node_ids}
+    for node_id, reply in match_replies(query, grid.send_and_receive(query, timeout=timeout_s)):
+        answers[node_id] = judge_stats_reply(reply)
+    nodes, by_dataset = combine_answers(answers)
+    refused = {n: a for n, a in nodes.items() if a.outcome != Outcome.ACCEPTED}
+    for node_id, answer in refused.items():
+        log.warning("statistics query: %s %s: %s", node_label(node_id, answer.name), answer.outcome, answer.reason)
+    accepted = len(nodes) - len(refused)
+    if accepted < min_nodes:
+        raise FederationAborted(f"normalization: {accepted} valid statistics answers, {min_nodes} needed")
+    agreement = Normalization(fedstats.combine(list(by_dataset.values())), sorted(by_dataset), nodes)
+    log.info("normalization agreed over %d nodes, %d datasets, %d frames", accepted, len(by_dataset),
+             agreement.stats.count)
+    return agreement
+
+
+def start_history(agreement: Normalization) -> FederationHistory:
+    """A new run's history, knowing each queried node's dataset id and name from its statistics answer."""
+    history = FederationHistory()
+    for node_id, answer in agreement.nodes.items():
+        history.note_node(node_id, answer.dataset_id, answer.name)
+    return history
 
 
 def _client_entries(strategy: Zk0FedProx) -> dict[str, dict[str, Any]]:
     assert strategy.current is not None
-    return {str(c.node_id): {"lr": c.lr, "mu": c.mu, "outcome": str(c.outcome), "reason": c.reason,
+    return {str(c.node_id): {"name": c.name, "lr": c.lr, "mu": c.mu, "outcome": str(c.outcome), "reason": c.reason,
                              "accepted": c.accepted, "bytes_in": c.bytes_in, "metrics": c.metrics}
             for c in strategy.current.clients.values()}
 
@@ -79,11 +164,13 @@ def run_federation(grid: Grid, config: ServerConfig) -> int:
     last = run.last_round()
     metrics = run.load_metrics()
     if last is None:
-        stats, dataset_ids = agree_normalization(grid, nodes.min_nodes, nodes.round_timeout_s)
-        history = FederationHistory()
+        agreement = agree_normalization(grid, nodes.min_nodes, nodes.round_timeout_s)
+        stats, dataset_ids, normalization = agreement.stats, agreement.dataset_ids, agreement.to_json()
+        history = start_history(agreement)
     else:
         stats = fedstats.SufficientStats.from_record(dict(np.load(run.checkpoint_dir(last) / "zk0_stats.npz")))
         dataset_ids = list(metrics.get("dataset_ids", []))
+        normalization = metrics.get("normalization", {})
         history = FederationHistory.from_json(metrics.get("history", {}))
         log.info("resuming after round %d from %s", last, run.checkpoint_dir(last))
     bundle = build_federated_policy(training.model, "cpu", eval_roots[0], stats, training.seed)
@@ -94,12 +181,14 @@ def run_federation(grid: Grid, config: ServerConfig) -> int:
     strategy = Zk0FedProx(
         config.scheduler, config.validation, history=history, min_nodes=nodes.min_nodes,
         fraction_train=nodes.fraction_train, fraction_evaluate=nodes.fraction_evaluate,
+        node_timeout_s=nodes.round_timeout_s,
         train_config={"local-steps": training.local_steps, "batch-size": training.batch_size, "codec": training.codec,
                       "model": training.model, "seed": training.seed, "eval-fraction": training.eval_fraction},
     )
     strategy.broadcast_records = {STATS_RECORD: stats_to_record(stats)}
     strategy.broadcast_config = {"frozen-sha256": frozen_sha256(bundle.policy)}
-    run_info = {"run_dir": str(run.root), "model": training.model, "codec": training.codec, "dataset_ids": dataset_ids}
+    run_info = {"run_dir": str(run.root), "model": training.model, "codec": training.codec, "dataset_ids": dataset_ids,
+                "normalization": normalization}
     stopper = EarlyStopping(config.evaluation.patience, config.evaluation.min_delta)
 
     parent_sha = None if last is None else read_meta(run.checkpoint_dir(last)).sha256
@@ -159,6 +248,8 @@ def main(grid: Grid, context: Context) -> None:
     log.setLevel(logging.INFO)
     try:
         run_federation(grid, config)
+    except FederationAborted as err:
+        log.error("run ended: %s", err.reason)
     finally:
         log.removeHandler(handler)
         handler.close()

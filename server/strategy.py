@@ -5,8 +5,21 @@ What travels (see zk0.learn.codec): the server sends the global trainable tensor
 `ArrayRecord` plus, in the config, the round's LR, mu (per client), step budget, codec and the
 global's SHA-256; a node answers with one self-checking payload. Before anything is averaged each
 payload is decoded against the round's global (framing, SHA-256, keys, shapes, dtypes, delta base,
-finite values) and its distance to the global is bounded; a refused update is dropped with its
+finite values), its claimed example count must be a positive number, and its L2 distance to the
+global is bounded (`norm_rejections`): at most `validation.norm_bound_multiple` times the round's
+reference distance (the lower median of the round's decoded updates, so that with two nodes one huge
+update cannot raise its own bound; a round with one update uses the previous round's median accepted
+distance, scaled by the ratio of the two rounds' LRs since a warm restart or boost moves every update
+that much) and, optionally, at most `validation.max_update_norm`. A refused update is dropped with its
 reason logged and recorded, and the round completes with the rest.
+
+Aggregation: FedAvg weights each update by its node's example count, capped at what the round asked
+for (local-steps x batch-size; a capped claim is logged and noted in the client's reason, the update
+stays accepted). Trimmed mean drops max(1, floor(trim_fraction * n)) values per side and coordinate
+from 3 updates on; with fewer it is the plain mean, with a logged warning. Median ignores weights.
+
+Nodes are waited for at most the round timeout (`wait_for_nodes`): too few connected by then ends the
+run with `FederationAborted`, which the ServerApp logs as one line.
 
 Every node sent a train message ends the round with one outcome, logged and recorded with its reason:
 accepted (aggregated; a partial update from a node whose training lease was revoked mid-round is noted
@@ -22,7 +35,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -34,7 +47,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 
 from zk0.learn import codec
-from zk0.learn.federation import DECLINED, GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, PREEMPTED, UPDATE_RECORD
+from zk0.learn.federation import (
+    DATASET_ID, DECLINED, GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, NODE_NAME, PREEMPTED, UPDATE_RECORD,
+)
+from zk0.server.aggregation import (
+    MIN_TRIMMED, UpdateRejected, aggregate_states, decode_update, example_cap, example_weight, lower_median,
+    norm_rejections, state_norm_distance,
+)
 from zk0.server.config import ValidationConfig
 from zk0.server.schedule import RoundSchedule, ScheduleConfig, ScheduleState, client_mu, schedule_round
 
@@ -52,85 +71,86 @@ class Outcome(StrEnum):
     NO_REPLY = "no reply"
 
 
-# Flower's error replies for a message whose node (or the message itself) is gone, as opposed to a ClientApp error.
-_LOST_CODES = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
-
-
-def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
-    """The connected nodes, once there are at least `minimum` of them."""
-    while len(node_ids := list(grid.get_node_ids())) < minimum:
-        log.info("waiting for nodes: %d connected, %d needed", len(node_ids), minimum)
-        time.sleep(1.0)
-    return node_ids
-
-
-def sample_nodes(grid: Grid, min_available: int, fraction: float, min_sampled: int) -> list[int]:
-    """`fraction` of the connected nodes (at least `min_sampled`, at most all), once `min_available` are connected.
-
-    One listing serves both the count and the sample: Flower's own helper lists twice and, when a node
-    drops out in between, waits for a node count that no longer exists.
-    """
-    node_ids = wait_for_nodes(grid, min_available)
-    return random.sample(node_ids, min(len(node_ids), max(int(len(node_ids) * fraction), min_sampled)))
-
-
-class UpdateRejected(ValueError):
-    """An update the server refuses; `reason` is the one line that is logged and recorded."""
+class FederationAborted(RuntimeError):
+    """The run cannot go on (too few nodes, too few valid statistics); `reason` is the one line logged."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-def state_norm_distance(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of (update - reference) over all tensors, in float64."""
-    total = 0.0
-    for key, value in update.items():
-        total += float(torch.sum((value.double() - reference[key].double()) ** 2))
-    return math.sqrt(total)
+# Flower's error replies for a message whose node (or the message itself) is gone, as opposed to a ClientApp error.
+_LOST_CODES = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
 
 
-def validate_update(payload: bytes, global_state: Mapping[str, torch.Tensor], max_norm: float | None) -> dict[str, torch.Tensor]:
-    """Decoded update tensors, or `UpdateRejected` with the reason (codec checks, then the norm bound)."""
-    try:
-        update = codec.decode(payload, global_state)
-    except codec.CodecError as err:
-        raise UpdateRejected(err.reason) from None
-    if max_norm is not None:
-        distance = state_norm_distance(update, global_state)
-        if distance > max_norm:
-            raise UpdateRejected(f"update is {distance:.4g} from the global (L2), above the bound {max_norm:.4g}")
-    return update
+def error_outcome(error: Error) -> Outcome:
+    """LOST for Flower's own answer about a node that went away, FAILED for a ClientApp error."""
+    return Outcome.LOST if error.code in _LOST_CODES else Outcome.FAILED
 
 
-def aggregate_states(
-    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], method: str, trim_fraction: float = 0.2
-) -> dict[str, torch.Tensor]:
-    """Combine validated updates: example-weighted mean, or coordinate-wise trimmed mean / median.
+def node_label(node_id: int, name: str = "") -> str:
+    """How logs name a node: 'node 12 (arm1)', or 'node 12' before its name is known."""
+    return f"node {node_id} ({name})" if name else f"node {node_id}"
 
-    The robust rules ignore weights on purpose: a node could inflate its example count to dominate.
-    Trimmed mean drops floor(trim_fraction * n) values from each end per coordinate.
+
+def match_replies(sent: Iterable[Message], replies: Iterable[Message]) -> Iterator[tuple[int, Message]]:
+    """(node id, reply) pairs. Flower's error replies for a node that went away come from the SuperLink
+    itself, so a reply is matched to its node through the message it answers (ids given on push)."""
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    for reply in replies:
+        yield node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply
+
+
+def node_identity(info: Mapping[str, Any]) -> tuple[str, str]:
+    """(dataset id, node name) from a reply's INFO_RECORD; empty strings for what it does not carry."""
+    return str(info.get(DATASET_ID, "")), str(info.get(NODE_NAME, ""))
+
+
+class WaitVerdict(StrEnum):
+    READY = "ready"
+    WAIT = "wait"
+    TIMED_OUT = "timed out"
+
+
+def node_wait_verdict(connected: int, minimum: int, waited_s: float, timeout_s: float) -> WaitVerdict:
+    """Go on with the nodes present once `minimum` are connected; give up after `timeout_s`."""
+    if connected >= minimum:
+        return WaitVerdict.READY
+    return WaitVerdict.TIMED_OUT if waited_s >= timeout_s else WaitVerdict.WAIT
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, *, clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep, poll_s: float = 1.0,
+                   log_every_s: float = 30.0) -> list[int]:
+    """The connected nodes, once at least `minimum` are; `FederationAborted` after `timeout_s` without them.
+
+    Waiting is logged at most once per `log_every_s`, with the counts.
     """
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    if len(weights) != len(updates) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError("weights must be one non-negative number per update, not all zero")
-    out: dict[str, torch.Tensor] = {}
-    for key in updates[0]:
-        stacked = torch.stack([u[key].to(torch.float64) for u in updates])
-        if method == "fedavg":
-            w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *[1] * (stacked.dim() - 1))
-            value = (stacked * w).sum(0) / w.sum()
-        elif method == "median":
-            value = stacked.median(0).values if len(updates) % 2 else stacked.quantile(0.5, dim=0)
-        elif method == "trimmed-mean":
-            cut = int(trim_fraction * len(updates))
-            ordered = stacked.sort(0).values
-            value = ordered[cut:len(updates) - cut].mean(0)
-        else:
-            raise ValueError(f"unknown aggregation {method!r}")
-        out[key] = value.to(updates[0][key].dtype)
-    return out
+    started, logged_at = clock(), None
+    while True:
+        node_ids = list(grid.get_node_ids())
+        now = clock()
+        verdict = node_wait_verdict(len(node_ids), minimum, now - started, timeout_s)
+        if verdict == WaitVerdict.READY:
+            return node_ids
+        if verdict == WaitVerdict.TIMED_OUT:
+            raise FederationAborted(f"{len(node_ids)} nodes connected, {minimum} needed: gave up after waiting "
+                                    f"{now - started:.0f} s (nodes.round_timeout_s)")
+        if logged_at is None or now - logged_at >= log_every_s:
+            log.info("waiting for nodes: %d connected, %d needed (%.0f s of %.0f s)", len(node_ids), minimum,
+                     now - started, timeout_s)
+            logged_at = now
+        sleep(poll_s)
+
+
+def sample_nodes(grid: Grid, min_available: int, fraction: float, min_sampled: int, timeout_s: float) -> list[int]:
+    """`fraction` of the connected nodes (at least `min_sampled`, at most all), once `min_available` are connected.
+
+    One listing serves both the count and the sample: Flower's own helper lists twice and, when a node
+    drops out in between, waits for a node count that no longer exists.
+    """
+    node_ids = wait_for_nodes(grid, min_available, timeout_s)
+    return random.sample(node_ids, min(len(node_ids), max(int(len(node_ids) * fraction), min_sampled)))
 
 
 @dataclass
@@ -140,6 +160,7 @@ class ClientRound:
     node_id: int
     lr: float
     mu: float
+    name: str = ""  # the node's NODE_NAME, once known
     metrics: dict[str, float] = field(default_factory=dict)
     outcome: Outcome = Outcome.NO_REPLY
     reason: str = ""
@@ -148,6 +169,10 @@ class ClientRound:
     @property
     def accepted(self) -> bool:
         return self.outcome == Outcome.ACCEPTED
+
+    @property
+    def label(self) -> str:
+        return node_label(self.node_id, self.name)
 
 
 @dataclass
@@ -163,20 +188,41 @@ class RoundRecord:
 
 @dataclass
 class FederationHistory:
-    """What the schedule needs from past rounds; saved and restored with the run for resume."""
+    """What the schedule and the validation need from past rounds; saved with the run's metrics for resume."""
 
     eval_losses: list[float] = field(default_factory=list)  # server eval loss after each finished round
     schedule_state: ScheduleState = field(default_factory=ScheduleState)
     client_loss_std: dict[str, float] = field(default_factory=dict)  # by dataset id, last round seen
+    dataset_of_node: dict[int, str] = field(default_factory=dict)  # learned from every reply's INFO_RECORD
+    node_names: dict[int, str] = field(default_factory=dict)
+    # median accepted update distance of the last round with one, per unit of that round's LR
+    update_norm_per_lr: float | None = None
+
+    def note_node(self, node_id: int, dataset_id: str, name: str) -> None:
+        """Remember what a reply says about its node (empty values leave what is known)."""
+        if dataset_id:
+            self.dataset_of_node[node_id] = dataset_id
+        if name:
+            self.node_names[node_id] = name
 
     def to_json(self) -> dict[str, Any]:
-        return {"eval_losses": self.eval_losses, "lr_scale": self.schedule_state.lr_scale,
-                "client_loss_std": self.client_loss_std}
+        return {"eval_losses": self.eval_losses, "schedule_state": self.schedule_state.to_json(),
+                "client_loss_std": self.client_loss_std,
+                "dataset_of_node": {str(k): v for k, v in self.dataset_of_node.items()},
+                "node_names": {str(k): v for k, v in self.node_names.items()},
+                "update_norm_per_lr": self.update_norm_per_lr}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FederationHistory:
-        return cls(list(data.get("eval_losses", [])), ScheduleState(float(data.get("lr_scale", 1.0))),
-                   dict(data.get("client_loss_std", {})))
+        per_lr = data.get("update_norm_per_lr")
+        return cls(
+            eval_losses=[float(x) for x in data.get("eval_losses", [])],
+            schedule_state=ScheduleState.from_json(data.get("schedule_state", {})),
+            client_loss_std={str(k): float(v) for k, v in data.get("client_loss_std", {}).items()},
+            dataset_of_node={int(k): str(v) for k, v in data.get("dataset_of_node", {}).items()},
+            node_names={int(k): str(v) for k, v in data.get("node_names", {}).items()},
+            update_norm_per_lr=None if per_lr is None else float(per_lr),
+        )
 
 
 def _array_record_bytes(record: ArrayRecord) -> int:
@@ -188,7 +234,7 @@ class Zk0FedProx(FedProx):
 
     def __init__(self, schedule: ScheduleConfig, validation: ValidationConfig, train_config: Mapping[str, Any],
                  history: FederationHistory | None = None, min_nodes: int = 2, fraction_train: float = 1.0,
-                 fraction_evaluate: float = 1.0):
+                 fraction_evaluate: float = 1.0, node_timeout_s: float = 3600.0):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          # evaluation is best effort: it never waits for more nodes than are connected
                          min_train_nodes=min_nodes, min_evaluate_nodes=1,
@@ -197,10 +243,10 @@ class Zk0FedProx(FedProx):
         self.validation = validation
         self.train_config = dict(train_config)  # local-steps, batch-size, codec, ... sent every round
         self.history = history or FederationHistory()
+        self.node_timeout_s = node_timeout_s  # longest wait for min_nodes connected nodes before a phase
         self.current: RoundRecord | None = None
         self._global: dict[str, torch.Tensor] = {}
         self._global_sha256 = ""
-        self._dataset_of_node: dict[int, str] = {}
         # Sent with every train and evaluate message: the agreed normalization statistics, model identity.
         self.broadcast_records: dict[str, ArrayRecord] = {}
         self.broadcast_config: dict[str, Any] = {}
@@ -222,13 +268,14 @@ class Zk0FedProx(FedProx):
     def client_mu(self, node_id: int) -> float:
         """The round's mu, raised for a node whose dataset trained unstably last time."""
         assert self.current is not None
-        std = self.history.client_loss_std.get(self._dataset_of_node.get(node_id, ""))
+        std = self.history.client_loss_std.get(self.history.dataset_of_node.get(node_id, ""))
         return client_mu(self.current.schedule.mu, std, self.schedule)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         record = self.start_round(server_round, arrays)
         decision = record.schedule
-        node_ids = sample_nodes(grid, self.min_available_nodes, self.fraction_train, self.min_train_nodes)
+        node_ids = sample_nodes(grid, self.min_available_nodes, self.fraction_train, self.min_train_nodes,
+                                self.node_timeout_s)
         log.info("round %d: lr %.3g (%s), mu %.3g, %d nodes", server_round, decision.lr, decision.reason,
                  decision.mu, len(node_ids))
         messages = []
@@ -236,8 +283,9 @@ class Zk0FedProx(FedProx):
             mu = self.client_mu(node_id)
             node_config = {**dict(config), **self.train_config, "server-round": server_round,
                            "lr": decision.lr, "proximal-mu": mu, GLOBAL_SHA256: self._global_sha256}
-            record.clients[node_id] = ClientRound(node_id=node_id, lr=decision.lr, mu=mu)
-            log.info("round %d: node %d trains with lr %.3g, mu %.3g%s", server_round, node_id, decision.lr, mu,
+            client = ClientRound(node_id=node_id, lr=decision.lr, mu=mu, name=self.history.node_names.get(node_id, ""))
+            record.clients[node_id] = client
+            log.info("round %d: %s trains with lr %.3g, mu %.3g%s", server_round, client.label, decision.lr, mu,
                      " (raised: unstable local loss)" if mu > decision.mu else "")
             content = self._content(arrays, node_config)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
@@ -249,70 +297,100 @@ class Zk0FedProx(FedProx):
         """Every sampled node gets the aggregated model with its digest, to check, evaluate and store."""
         if self.fraction_evaluate == 0.0:
             return []
-        node_ids = sample_nodes(grid, self.min_available_nodes, self.fraction_evaluate, self.min_evaluate_nodes)
+        # best effort: a node lost since training must not hold up (or, after the timeout, end) the round
+        node_ids = sample_nodes(grid, self.min_evaluate_nodes, self.fraction_evaluate, self.min_evaluate_nodes,
+                                self.node_timeout_s)
         eval_config = {**dict(config), **self.train_config, "server-round": server_round,
                        GLOBAL_SHA256: codec.tensors_sha256(arrays.to_torch_state_dict())}
         return [Message(content=self._content(arrays, eval_config), message_type=MessageType.EVALUATE, dst_node_id=n)
                 for n in node_ids]
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Flower's weighted mean of the nodes' eval metrics; what the replies say about their nodes is kept."""
+        replies = list(replies)
+        for reply in replies:
+            if not reply.has_error():
+                info = reply.content.config_records.get(INFO_RECORD, ConfigRecord())
+                self.history.note_node(reply.metadata.src_node_id, *node_identity(info))
+        return super().aggregate_evaluate(server_round, replies)
+
     def _no_update(self, server_round: int, client: ClientRound, error: Error) -> None:
-        client.outcome = Outcome.LOST if error.code in _LOST_CODES else Outcome.FAILED
-        client.reason = error.reason
+        client.outcome, client.reason = error_outcome(error), error.reason
         if client.outcome == Outcome.LOST:
-            log.warning("round %d: node %d lost, the round goes on without it: %s", server_round, client.node_id,
+            log.warning("round %d: %s lost, the round goes on without it: %s", server_round, client.label,
                         error.reason)
         else:
-            log.warning("round %d: no update from node %d: %s", server_round, client.node_id, error.reason)
+            log.warning("round %d: no update from %s: %s", server_round, client.label, error.reason)
+
+    def _reject(self, server_round: int, client: ClientRound, reason: str) -> None:
+        client.outcome, client.reason = Outcome.REJECTED, reason
+        log.warning("round %d: rejected update from %s: %s", server_round, client.label, reason)
+
+    def _decode(self, client: ClientRound, reply: Message) -> tuple[dict[str, torch.Tensor], float, str]:
+        """(update, aggregation weight, weight note) of a train reply, or `UpdateRejected`."""
+        payload = codec.from_array_record(reply.content.array_records.get(UPDATE_RECORD, ArrayRecord()))
+        client.bytes_in = len(payload)
+        metrics = reply.content.metric_records.get(METRICS_RECORD)
+        if metrics is None:
+            raise UpdateRejected("reply carries no metrics")
+        client.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        weight, note = example_weight(client.metrics.get("num-examples"), example_cap(self.train_config))
+        return decode_update(payload, self._global), weight, note
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current is not None and self.current.server_round == server_round
-        accepted: list[dict[str, torch.Tensor]] = []
-        weights: list[float] = []
-        clients: list[ClientRound] = []  # the accepted ones, in the order of `accepted`
-        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self.current.sent if m.metadata.message_id}
-        for reply in replies:
-            node_id = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        decoded: list[tuple[ClientRound, dict[str, torch.Tensor], float, str]] = []
+        for node_id, reply in match_replies(self.current.sent, replies):
             client = self.current.clients.setdefault(node_id, ClientRound(node_id, math.nan, math.nan))
             if reply.has_error():
                 self._no_update(server_round, client, reply.error)
                 continue
             info = reply.content.config_records.get(INFO_RECORD, ConfigRecord())
+            dataset_id, name = node_identity(info)
+            self.history.note_node(node_id, dataset_id, name)
+            client.name = name or client.name
             if DECLINED in info:
                 client.outcome, client.reason = Outcome.DECLINED, str(info[DECLINED])
-                log.info("round %d: node %d declined to train: %s", server_round, node_id, client.reason)
+                log.info("round %d: %s declined to train: %s", server_round, client.label, client.reason)
                 continue
             try:
-                payload = codec.from_array_record(reply.content.array_records.get(UPDATE_RECORD, ArrayRecord()))
-                client.bytes_in = len(payload)
-                metrics = reply.content.metric_records.get(METRICS_RECORD)
-                if metrics is None:
-                    raise UpdateRejected("reply carries no metrics")
-                client.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-                update = validate_update(payload, self._global, self.validation.max_update_norm)
+                update, weight, note = self._decode(client, reply)
             except (UpdateRejected, codec.CodecError) as err:
-                client.outcome, client.reason = Outcome.REJECTED, getattr(err, "reason", str(err))
-                log.warning("round %d: rejected update from node %d: %s", server_round, node_id, client.reason)
+                self._reject(server_round, client, getattr(err, "reason", str(err)))
                 continue
-            client.outcome = Outcome.ACCEPTED
             if PREEMPTED in info:
-                client.reason = f"partial update ({client.metrics.get('steps', 0):.0f} steps): {info[PREEMPTED]}"
-                log.info("round %d: node %d sent a %s", server_round, node_id, client.reason)
-            dataset_id = str(info.get("dataset-id", ""))
-            if dataset_id:
-                self._dataset_of_node[node_id] = dataset_id
-                if "loss-std" in client.metrics:
-                    self.history.client_loss_std[dataset_id] = client.metrics["loss-std"]
-            accepted.append(update)
-            weights.append(max(client.metrics.get("num-examples", 1.0), 0.0))
-            clients.append(client)
+                note = "; ".join(filter(None, [f"partial update ({client.metrics.get('steps', 0):.0f} steps): "
+                                               f"{info[PREEMPTED]}", note]))
+            decoded.append((client, update, weight, note))
+
+        lr = self.current.schedule.lr
+        distances = [state_norm_distance(update, self._global) for _, update, _, _ in decoded]
+        previous = None if self.history.update_norm_per_lr is None else self.history.update_norm_per_lr * lr
+        _, verdicts = norm_rejections(distances, self.validation.norm_bound_multiple, self.validation.max_update_norm,
+                                      previous)
+        accepted: list[tuple[ClientRound, dict[str, torch.Tensor], float, float]] = []
+        for (client, update, weight, note), distance, verdict in zip(decoded, distances, verdicts):
+            if verdict is not None:
+                self._reject(server_round, client, verdict)
+                continue
+            client.outcome, client.reason = Outcome.ACCEPTED, note
+            if note:
+                log.info("round %d: %s accepted: %s", server_round, client.label, note)
+            if "loss-std" in client.metrics and (dataset_id := self.history.dataset_of_node.get(client.node_id)):
+                self.history.client_loss_std[dataset_id] = client.metrics["loss-std"]
+            accepted.append((client, update, weight, distance))
         for client in self.current.clients.values():
             if client.outcome == Outcome.NO_REPLY:
-                log.warning("round %d: no reply from node %d within the round timeout", server_round, client.node_id)
+                log.warning("round %d: no reply from %s within the round timeout", server_round, client.label)
         if not accepted:
             log.warning("round %d: no acceptable update; the global model is unchanged", server_round)
             return None, None
-        aggregated = aggregate_states(accepted, weights, self.validation.aggregation, self.validation.trim_fraction)
-        total = sum(weights) or 1.0
+        self.history.update_norm_per_lr = lower_median([distance for *_, distance in accepted]) / lr
+        if self.validation.aggregation == "trimmed-mean" and len(accepted) < MIN_TRIMMED:
+            log.warning("round %d: %d accepted updates, too few to trim: plain mean", server_round, len(accepted))
+        clients, updates, weights = [a[0] for a in accepted], [a[1] for a in accepted], [a[2] for a in accepted]
+        aggregated = aggregate_states(updates, weights, self.validation.aggregation, self.validation.trim_fraction)
+        total = sum(weights)
         keys = set.intersection(*(set(c.metrics) for c in clients))
         summary = {k: sum(c.metrics[k] * w for c, w in zip(clients, weights)) / total for k in keys if k != "num-examples"}
         summary["num-examples"] = total

@@ -1,10 +1,11 @@
 """Flower's side of a ServerApp process, for driving zk0's strategy in-process: the task identity Flower sets
 before `main` runs (messages cannot be made without it), a grid that only lists nodes (the one grid call the
-strategy makes itself), and message ids given the way the grid gives them when it pushes."""
+strategy makes itself), one that also answers what it is sent, and message ids given the way the grid gives
+them when it pushes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from flwr.app import Message
@@ -44,3 +45,28 @@ def pushed(messages: Iterable[Message]) -> list[Message]:
     for message in messages:
         message.metadata.__dict__["_message_id"] = message.object_id
     return messages
+
+
+class AnsweringGrid(ListingGrid):
+    """Lists `node_ids` and answers each message sent with `answer(message)` (None: that node stays silent)."""
+
+    def __init__(self, node_ids: list[int], answer: Callable[[Message], Message | None]) -> None:
+        super().__init__(node_ids)
+        self.answer = answer
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = [self.answer(m) for m in pushed(messages)]
+        return [r for r in replies if r is not None]
+
+
+class FakeClock:
+    """A monotonic clock that only moves when slept on."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds

@@ -21,6 +21,7 @@ def test_shipped_server_yaml_loads_with_design_numbers():
     assert (s.plateau_window, s.plateau_min_improvement, s.plateau_boost) == (5, 0.01, 1.15)
     assert (s.spike_window, s.spike_rise, s.mu_decay, s.mu_min) == (3, 0.5, 0.98, 0.001)
     assert (s.unstable_loss_std, s.unstable_client_mu) == (1.2, 0.02)
+    assert config.validation.norm_bound_multiple == 10
 
 
 def test_run_config_round_trip_with_overrides(tmp_path):
@@ -30,8 +31,17 @@ def test_run_config_round_trip_with_overrides(tmp_path):
     assert back.scheduler.base_lr == 5e-5 and back.training.rounds == 7
     assert back.evaluation.datasets == ["/a", "/b"]
     assert back.validation.max_update_norm == 5.0
+    assert back.validation.norm_bound_multiple == 10.0  # on by default
     unbounded = server_config_from_run_config(parse_server_config({}).run_config(None))
     assert unbounded.validation.max_update_norm is None
+
+
+def test_relative_norm_bound_travels_in_the_run_config_and_0_turns_it_off():
+    config = parse_server_config({"validation": {"norm_bound_multiple": None}})
+    assert config.run_config(None)["norm-bound-multiple"] == 0
+    assert server_config_from_run_config(config.run_config(None)).validation.norm_bound_multiple is None
+    tighter = server_config_from_run_config({"norm-bound-multiple": 4})
+    assert tighter.validation.norm_bound_multiple == 4
 
 
 def test_run_config_reads_the_named_file(tmp_path):
@@ -49,7 +59,9 @@ def test_run_config_reads_the_named_file(tmp_path):
         ({"training": {"codec": "zip"}}, "training.codec: must be one of"),
         ({"scheduler": {"t0": 0}}, "scheduler.t0 must be >= 1"),
         ({"validation": {"aggregation": "mean"}}, "validation.aggregation: must be one of fedavg"),
-        ({"validation": {"trim_fraction": 0.5}}, "validation.trim_fraction: must be in [0, 0.5)"),
+        ({"validation": {"trim_fraction": 0.5}}, "validation.trim_fraction: must be in (0, 0.5)"),
+        ({"validation": {"trim_fraction": 0.0}}, "validation.trim_fraction: must be in (0, 0.5)"),
+        ({"validation": {"norm_bound_multiple": 0.5}}, "validation.norm_bound_multiple: must be >= 1 or null"),
         ({"nodes": {"fraction_train": 0}}, "nodes.fraction_train"),
         ({"bogus": 1}, "bogus: unknown key"),
         ({"training": {"stepz": 1}}, "training.stepz: unknown key"),

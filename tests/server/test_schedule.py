@@ -1,5 +1,6 @@
 """Every scheduler rule, with the design's numbers."""
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from zk0.server.schedule import (
     client_mu,
     cosine_warm_restart_lr,
     global_mu,
+    is_improvement,
     is_plateau,
     is_spike,
     schedule_round,
@@ -113,3 +115,70 @@ def test_unstable_client_mu(mu, loss_std, expected):
 def test_invalid_config_names_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         ScheduleConfig(**bad)
+
+
+# Loss after rounds 1..29 (the 30 decisions see the losses before them): improving, plateau (rounds 4-12),
+# improving (13-17), a long plateau (17-26), a rise and a spike (27-28), then a slightly lower loss.
+TRACE = [2.0, 1.8, 1.6, 1.4, *[1.4] * 8, 1.2, 1.0, 0.9, 0.85, *[0.8] * 10, 1.0, 1.4, 1.3]
+
+
+def _run_trace(losses):
+    state, decisions = ScheduleState(), []
+    for server_round in range(1, len(losses) + 2):
+        decision = schedule_round(server_round, losses[: server_round - 1], state, CFG)
+        decisions.append(decision)
+        state = decision.state
+    return decisions
+
+
+def test_plateau_boost_fires_once_per_window_and_decays_on_improvement():
+    assert len(TRACE) == 29
+    decisions = _run_trace(TRACE)
+    reasons = {r: d.reason for r, d in enumerate(decisions, start=1)}
+    scales = {r: d.state.lr_scale for r, d in enumerate(decisions, start=1)}
+    assert [r for r, why in reasons.items() if why == "plateau"] == [9, 22, 27]
+    assert [r for r, why in reasons.items() if why == "decay"] == [14, 15, 16, 17, 18]
+    assert [r for r, why in reasons.items() if why == "spike"] == [29]
+    # the plateau lasted in between: the boost was withheld, not merely undetected
+    held = [10, 11, 12, 13, 23, 24, 25, 26, 28, 30]
+    assert all(is_plateau(TRACE[: r - 1], CFG) for r in held)
+    assert all(reasons[r] == "cosine" for r in held)
+    # the multiplier grows only in a boost round, by exactly x1.15, and never within a window after one
+    for r in range(2, 31):
+        if reasons[r] == "plateau":
+            assert scales[r] == pytest.approx(scales[r - 1] * 1.15, rel=1e-12)
+        elif reasons[r] != "decay" and reasons[r] != "spike":
+            assert scales[r] == scales[r - 1]
+    assert [scales[r] for r in (8, 9, 13)] == pytest.approx([1.0, 1.15, 1.15])
+    # each improving round halves the excess over 1
+    assert [scales[r] for r in range(14, 19)] == pytest.approx([1.075, 1.0375, 1.01875, 1.009375, 1.0046875])
+    assert scales[22] == pytest.approx(1.0046875 * 1.15) and scales[27] == pytest.approx(1.0046875 * 1.15**2)
+    assert scales[29] == pytest.approx(scales[28] * 0.5) and scales[30] == scales[29]
+    # otherwise the cosine shape is untouched: the LR is the cosine LR times the multiplier (the cap never bites)
+    for r, d in enumerate(decisions, start=1):
+        assert d.lr == pytest.approx(cosine_warm_restart_lr(r, CFG) * scales[r], rel=1e-12)
+        assert d.lr <= CFG.max_lr
+
+
+@pytest.mark.parametrize(
+    ("losses", "improving"),
+    [
+        ([1.0, 0.99], True),  # exactly 1 % below the best before
+        ([1.0, 0.995], False),
+        ([0.8, 1.2, 0.85], False),  # better than the last round, not than the best
+        ([1.0], False),
+    ],
+)
+def test_improvement_is_one_percent_below_the_best_before(losses, improving):
+    assert is_improvement(losses, CFG) is improving
+
+
+def test_a_spike_damped_multiplier_is_not_raised_by_improvement():
+    decision = schedule_round(20, [1.0, 0.5], ScheduleState(lr_scale=0.5), CFG)
+    assert decision.reason == "cosine" and decision.state.lr_scale == 0.5
+
+
+def test_schedule_state_json_round_trip():
+    state = ScheduleState(lr_scale=1.15, boost_round=9)
+    assert ScheduleState.from_json(json.loads(json.dumps(state.to_json()))) == state
+    assert ScheduleState.from_json({}) == ScheduleState()

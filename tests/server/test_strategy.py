@@ -1,6 +1,8 @@
 """Update validation and robust aggregation over real zk0 payloads and Flower messages."""
 
 import hashlib
+import json
+import math
 import struct
 import time
 
@@ -9,19 +11,26 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
-from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
+from tests.server.flower_app import FakeClock, ListingGrid, pushed, serverapp_identity
 from zk0.learn import codec
-from zk0.learn.federation import DECLINED, INFO_RECORD, METRICS_RECORD, PREEMPTED, UPDATE_RECORD
+from zk0.learn.federation import (
+    DATASET_ID, DECLINED, INFO_RECORD, METRICS_RECORD, NODE_NAME, PREEMPTED, UPDATE_RECORD,
+)
 from zk0.server.config import ValidationConfig
 from zk0.server.run_dir import outcome_summary
-from zk0.server.schedule import ScheduleConfig
+from zk0.server.schedule import ScheduleConfig, ScheduleState
+from zk0.server.aggregation import (
+    UpdateRejected, aggregate_states, decode_update, example_weight, norm_rejections, trim_per_side,
+)
 from zk0.server.strategy import (
+    FederationAborted,
+    FederationHistory,
     Outcome,
-    UpdateRejected,
+    WaitVerdict,
     Zk0FedProx,
-    aggregate_states,
+    node_wait_verdict,
     sample_nodes,
-    validate_update,
+    wait_for_nodes,
 )
 
 GLOBAL = {"expert.w": torch.zeros(4, 3), "proj.b": torch.zeros(5)}
@@ -47,7 +56,7 @@ def _tampered_payload() -> bytes:
 
 
 def test_valid_update_decodes():
-    update = validate_update(codec.encode(_state(0.5), "fp32"), GLOBAL, max_norm=None)
+    update = decode_update(codec.encode(_state(0.5), "fp32"), GLOBAL)
     assert torch.equal(update["proj.b"], torch.full((5,), 0.5))
 
 
@@ -64,14 +73,66 @@ def test_valid_update_decodes():
 )
 def test_bad_updates_are_rejected_with_reason(payload, reason):
     with pytest.raises(UpdateRejected, match=reason):
-        validate_update(payload, GLOBAL, max_norm=None)
+        decode_update(payload, GLOBAL)
 
 
-def test_norm_bound():
-    payload = codec.encode(_state(1.0), "fp32")  # distance sqrt(17)
-    assert validate_update(payload, GLOBAL, max_norm=4.2)
-    with pytest.raises(UpdateRejected, match="above the bound 4"):
-        validate_update(payload, GLOBAL, max_norm=4.0)
+SQRT17 = math.sqrt(17)  # the distance of _state(1.0) from GLOBAL
+
+
+@pytest.mark.parametrize(
+    ("distances", "multiple", "max_norm", "previous", "reference", "rejected"),
+    [
+        ([SQRT17], None, 4.2, None, None, {}),  # the absolute bound alone
+        ([SQRT17], None, 4.0, None, None, {0: "above the bound 4"}),
+        # two nodes: the lower median is the reference, so the huge update cannot raise its own bound
+        ([1.0, 1e4], 10, None, None, 1.0, {1: "1e+04 from the global (L2), above 10 x the round's reference 1 = 10"}),
+        ([2.0, 3.0, 1.0, 1e4], 10, None, None, 2.0, {3: "above 10 x the round's reference 2 = 20"}),
+        ([1.0, 9.9, 10.1], 10, None, None, 9.9, {}),  # a bound of 10x the median lets honest spread through
+        ([5.0], 10, None, 0.1, 0.1, {0: "above 10 x the round's reference 0.1 = 1"}),  # one update: last round's
+        ([5.0], 10, None, None, None, {}),  # one update, no history: no relative reference, accepted
+        ([1.0, 1e4], None, None, None, 1.0, {}),  # relative bound off
+        ([0.0, 0.0, 3.0], 10, None, None, 0.0, {}),  # a zero reference bounds nothing
+        ([1.0, 50.0], 100, 20.0, None, 1.0, {1: "above the bound 20"}),  # the absolute bound stays an extra one
+    ],
+)
+def test_norm_bound_is_relative_to_the_round(distances, multiple, max_norm, previous, reference, rejected):
+    got_reference, reasons = norm_rejections(distances, multiple, max_norm, previous)
+    assert got_reference == reference
+    assert [i for i, r in enumerate(reasons) if r] == sorted(rejected)
+    for i, text in rejected.items():
+        assert text in reasons[i]
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "cut"),
+    [(1, 0.2, 0), (2, 0.2, 0), (3, 0.2, 1), (4, 0.2, 1), (5, 0.2, 1), (9, 0.2, 1), (10, 0.2, 2), (10, 0.45, 4)],
+)
+def test_trimmed_mean_trims_at_least_one_per_side_from_three_updates(n, fraction, cut):
+    assert trim_per_side(n, fraction) == cut
+
+
+def test_trimmed_mean_of_three_drops_the_outlier():
+    trimmed = aggregate_states([_state(v) for v in (1.0, 2.0, 100.0)], [1, 1, 1], "trimmed-mean")
+    assert trimmed["proj.b"][0].item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("claimed", "cap", "weight", "note"),
+    [
+        (10.0, 400, 10.0, ""),
+        (400.0, 400, 400.0, ""),
+        (400_000.0, 400, 400.0, "claimed 400000 examples, weighted as 400 (local-steps x batch-size)"),
+        (10.0, None, 10.0, ""),  # the round's budget unknown: taken as claimed
+    ],
+)
+def test_example_weight_is_capped_by_the_round_budget(claimed, cap, weight, note):
+    assert example_weight(claimed, cap) == (weight, note)
+
+
+@pytest.mark.parametrize("claimed", [None, 0.0, -5.0, math.nan, math.inf])
+def test_an_impossible_example_count_is_rejected(claimed):
+    with pytest.raises(UpdateRejected, match="not a positive number"):
+        example_weight(claimed, 400)
 
 
 def test_weighted_mean_trimmed_mean_and_median():
@@ -129,7 +190,9 @@ def test_unstable_client_gets_raised_mu_next_round():
 
 
 def test_delta_codec_updates_are_decoded_against_the_round_global():
-    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(aggregation="median"), {}, min_nodes=1)
+    # the relative norm bound would refuse the outlier first; the median rule is what is under test here
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(aggregation="median", norm_bound_multiple=None), {},
+                          min_nodes=1)
     strategy.start_round(1, ArrayRecord(_state(0.5)))
     replies = [_reply(n, codec.encode(_state(v), "int8-delta-row", base=_state(0.5)), 10, 1.0)
                for n, v in ((1, 1.0), (2, 2.0), (3, 50.0))]
@@ -205,5 +268,159 @@ def test_a_lost_node_is_named_by_the_message_it_was_sent_and_a_silent_one_is_rec
 def test_nodes_are_counted_and_sampled_from_one_listing():
     """A node dropping out between two listings must not leave the server waiting for a count that is gone."""
     grid = ListingGrid([1, 2, 3], [1, 2])
-    assert sorted(sample_nodes(grid, min_available=2, fraction=1.0, min_sampled=2)) == [1, 2, 3]
-    assert sorted(sample_nodes(ListingGrid([1, 2, 3, 4]), 2, 0.5, 1)) in ([1, 2], [1, 3], [1, 4], [2, 3], [2, 4], [3, 4])
+    assert sorted(sample_nodes(grid, min_available=2, fraction=1.0, min_sampled=2, timeout_s=60)) == [1, 2, 3]
+    assert sorted(sample_nodes(ListingGrid([1, 2, 3, 4]), 2, 0.5, 1, 60)) in (
+        [1, 2], [1, 3], [1, 4], [2, 3], [2, 4], [3, 4])
+
+
+def _named_reply(node_id: int, value: float, examples: int = 10, name: str = "", dataset: str = "") -> object:
+    reply = _reply(node_id, codec.encode(_state(value), "fp32"), examples, 0.5)
+    info = reply.content.config_records[INFO_RECORD]
+    info[DATASET_ID] = dataset or f"ds{node_id}"
+    if name:
+        info[NODE_NAME] = name
+    return reply
+
+
+def test_an_inflated_example_count_is_capped_by_what_the_round_asked_for(caplog):
+    """The `inflate-examples` drill: a node claiming 1000x its examples weighs no more than the round's budget."""
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {"local-steps": 5, "batch-size": 2}, min_nodes=2)
+    strategy.start_round(1, ArrayRecord(GLOBAL))
+    with caplog.at_level("INFO", logger="zk0.server"):
+        arrays, metrics = strategy.aggregate_train(1, [_named_reply(1, 1.0, 10), _named_reply(2, 3.0, 10_000, "arm2")])
+    assert arrays.to_torch_state_dict()["proj.b"][0].item() == pytest.approx(2.0)  # (1*10 + 3*10) / 20
+    assert metrics["num-examples"] == 20
+    inflated = strategy.current.clients[2]
+    assert inflated.accepted and inflated.reason == "claimed 10000 examples, weighted as 10 (local-steps x batch-size)"
+    assert "node 2 (arm2) accepted: claimed 10000 examples, weighted as 10" in caplog.text
+    assert strategy.current.clients[1].reason == ""
+
+
+def test_a_huge_update_is_refused_against_the_round_and_a_lone_one_against_the_last_round(caplog):
+    """The `huge-norm` drill: x1e4 the delta, with two nodes and, next round, alone."""
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {}, min_nodes=1)
+    strategy.start_round(1, ArrayRecord(GLOBAL))
+    with caplog.at_level("WARNING", logger="zk0.server"):
+        arrays, metrics = strategy.aggregate_train(1, [_named_reply(1, 1.0), _named_reply(2, 1e4)])
+    assert metrics["accepted-updates"] == 1 and arrays.to_torch_state_dict()["proj.b"][0].item() == pytest.approx(1.0)
+    huge = strategy.current.clients[2]
+    assert huge.outcome == Outcome.REJECTED
+    assert huge.reason == (f"update is {1e4 * SQRT17:.4g} from the global (L2), above 10 x the round's reference "
+                           f"{SQRT17:.4g} = {10 * SQRT17:.4g}")
+    assert "rejected update from node 2: update is 4.123e+04" in caplog.text
+    lr1 = strategy.current.schedule.lr
+    assert strategy.history.update_norm_per_lr == pytest.approx(SQRT17 / lr1)
+    lr2 = strategy.start_round(2, ArrayRecord(GLOBAL)).schedule.lr
+    assert strategy.aggregate_train(2, [_named_reply(2, 1e4)]) == (None, None)
+    reference = SQRT17 * lr2 / lr1  # last round's median distance, scaled by the LR change
+    expected = f"above 10 x the round's reference {reference:.4g} = {10 * reference:.4g}"
+    assert expected in strategy.current.clients[2].reason
+    # a lone update without any history has no reference to be judged by
+    fresh = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {}, min_nodes=1)
+    fresh.start_round(1, ArrayRecord(GLOBAL))
+    assert fresh.aggregate_train(1, [_named_reply(2, 1e4)])[1]["accepted-updates"] == 1
+
+
+def test_trimmed_mean_of_two_updates_is_their_mean_with_a_warning(caplog):
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(aggregation="trimmed-mean"), {}, min_nodes=1)
+    strategy.start_round(1, ArrayRecord(GLOBAL))
+    with caplog.at_level("WARNING", logger="zk0.server"):
+        arrays, _ = strategy.aggregate_train(1, [_named_reply(1, 1.0, 10), _named_reply(2, 2.0, 30)])
+    assert arrays.to_torch_state_dict()["proj.b"][0].item() == pytest.approx(1.5)  # unweighted
+    assert "round 1: 2 accepted updates, too few to trim: plain mean" in caplog.text
+
+
+def test_history_round_trips_through_json():
+    history = FederationHistory(
+        eval_losses=[1.5, 1.2], schedule_state=ScheduleState(lr_scale=1.15, boost_round=9),
+        client_loss_std={"dsA": 1.5}, dataset_of_node={4: "dsA", 7: "dsB"}, node_names={4: "arm1"},
+        update_norm_per_lr=3.25e4,
+    )
+    assert FederationHistory.from_json(json.loads(json.dumps(history.to_json()))) == history
+    assert FederationHistory.from_json({}) == FederationHistory()
+
+
+def test_a_resumed_server_keeps_each_nodes_dataset_name_and_raised_mu():
+    """Learned from the replies before a restart; after it, from the saved history only."""
+    strategy = Zk0FedProx(ScheduleConfig(base_mu=0.005), ValidationConfig(), {}, min_nodes=1)
+    strategy.start_round(1, ArrayRecord(GLOBAL))
+    unstable = _named_reply(4, 1.0, name="arm4", dataset="dsA")
+    unstable.content.metric_records[METRICS_RECORD]["loss-std"] = 1.5
+    strategy.aggregate_train(1, [unstable, _named_reply(5, 1.0)])
+    assert strategy.current.clients[4].name == "arm4"
+    saved = json.loads(json.dumps(strategy.history.to_json()))
+
+    resumed = Zk0FedProx(ScheduleConfig(base_mu=0.005), ValidationConfig(), {}, FederationHistory.from_json(saved),
+                         min_nodes=1)
+    with serverapp_identity():
+        resumed.configure_train(2, ArrayRecord(GLOBAL), ConfigRecord(), ListingGrid([4, 5]))
+    assert resumed.client_mu(4) == pytest.approx(0.02)
+    assert resumed.client_mu(5) == pytest.approx(0.005 * 0.98)
+    assert resumed.current.clients[4].name == "arm4" and resumed.current.clients[4].mu == pytest.approx(0.02)
+    assert resumed.history.update_norm_per_lr == pytest.approx(SQRT17 / 1e-4)
+
+
+def test_evaluate_replies_teach_the_server_node_names_and_datasets():
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {}, min_nodes=1)
+    metadata = Metadata(run_id=1, message_id="e9", src_node_id=9, dst_node_id=0, reply_to_message_id="x",
+                        group_id="1", created_at=time.time(), ttl=60, message_type="evaluate")
+    reply = make_message(metadata, RecordDict({
+        METRICS_RECORD: MetricRecord({"num-examples": 4, "eval-loss": 0.5}),
+        INFO_RECORD: ConfigRecord({DATASET_ID: "dsE", NODE_NAME: "arm9"}),
+    }))
+    strategy.aggregate_evaluate(1, [reply])
+    assert (strategy.history.dataset_of_node, strategy.history.node_names) == ({9: "dsE"}, {9: "arm9"})
+
+
+@pytest.mark.parametrize(
+    ("connected", "waited", "verdict"),
+    [(2, 0.0, WaitVerdict.READY), (3, 5000.0, WaitVerdict.READY), (1, 0.0, WaitVerdict.WAIT),
+     (1, 99.9, WaitVerdict.WAIT), (1, 100.0, WaitVerdict.TIMED_OUT), (0, 250.0, WaitVerdict.TIMED_OUT)],
+)
+def test_node_wait_verdict(connected, waited, verdict):
+    assert node_wait_verdict(connected, 2, waited, timeout_s=100.0) == verdict
+
+
+def test_waiting_for_nodes_proceeds_once_enough_connect_and_logs_every_30_s(caplog):
+    clock = FakeClock()
+    grid = ListingGrid(*[[1]] * 65, [1, 2, 3])  # a second and third node connect after 65 s
+    with caplog.at_level("INFO", logger="zk0.server"):
+        nodes = wait_for_nodes(grid, 2, timeout_s=100.0, clock=clock, sleep=clock.sleep)
+    assert nodes == [1, 2, 3] and clock.now == 65.0
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["waiting for nodes: 1 connected, 2 needed (0 s of 100 s)",
+                     "waiting for nodes: 1 connected, 2 needed (30 s of 100 s)",
+                     "waiting for nodes: 1 connected, 2 needed (60 s of 100 s)"]
+
+
+def test_a_lost_node_ends_the_wait_after_the_round_timeout(caplog):
+    clock = FakeClock()
+    with caplog.at_level("INFO", logger="zk0.server"), pytest.raises(FederationAborted) as info:
+        wait_for_nodes(ListingGrid([1]), 2, timeout_s=100.0, clock=clock, sleep=clock.sleep)
+    assert info.value.reason == "1 nodes connected, 2 needed: gave up after waiting 100 s (nodes.round_timeout_s)"
+    assert len(caplog.records) == 4  # at 0, 30, 60 and 90 s, not every second
+
+
+def test_a_round_waits_at_most_the_round_timeout():
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {}, min_nodes=2, node_timeout_s=0.0)
+    with serverapp_identity(), pytest.raises(FederationAborted, match="1 nodes connected, 2 needed"):
+        strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord(), ListingGrid([1]))
+
+
+def test_a_lone_update_after_a_warm_restart_is_judged_at_the_new_lr():
+    """Round 15 trains at ~1.6e-6, round 16 restarts at 1e-4: a lone update 30x farther is expected, not huge."""
+    history = FederationHistory(eval_losses=[2.0 - 0.1 * r for r in range(15)])
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {}, history, min_nodes=1)
+    strategy.start_round(15, ArrayRecord(GLOBAL))
+    strategy.aggregate_train(15, [_named_reply(1, 0.01), _named_reply(2, 0.01)])
+    strategy.start_round(16, ArrayRecord(GLOBAL))
+    assert strategy.current.schedule.lr == pytest.approx(1e-4)
+    _, metrics = strategy.aggregate_train(16, [_named_reply(1, 0.3)])
+    assert metrics["accepted-updates"] == 1
+
+
+def test_evaluation_goes_on_with_the_nodes_still_connected():
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {}, min_nodes=2, node_timeout_s=0.0)
+    with serverapp_identity():
+        messages = list(strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), ListingGrid([7])))
+    assert [m.metadata.dst_node_id for m in messages] == [7]
