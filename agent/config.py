@@ -1,6 +1,7 @@
 """The agent's YAML configuration, parsed into dataclasses with one-line validation errors.
 
-A config names the host, the arm pair (follower + leader), the cameras and where datasets live.
+A config names the host, the arm pair (follower + leader), the cameras, where datasets live and, on a
+host that joins a federation, its SuperNode settings (`federation:`, read by `zk0 node`).
 Every mistake a user can make in the file (unknown key, wrong type, missing device) is reported as
 one `ConfigError` line that names the offending key, before anything is opened or written.
 """
@@ -57,6 +58,28 @@ class SafetySettings:
 
 
 @dataclass(frozen=True)
+class FederationSettings:
+    """This host's Flower SuperNode (`zk0 node`, see zk0.agent.node for how each setting is used)."""
+
+    superlink: str  # the server's SuperLink, host:port
+    datasets: list[str]  # dataset names under datasets_root, or absolute dataset roots
+    policy_store: Path = Path("/var/lib/zk0/policies")  # where each round's global policy is saved
+    root_certificates: Path | None = None  # the federation CA (from `zk0 certs`); required unless insecure
+    auth_private_key: Path | None = None  # this node's SuperNode key; its .pub is registered on the server
+    agent_address: str = ""  # the agent's control API (training lease); empty: train whenever asked
+    device: str = "cpu"
+    runtime_port: int | None = None  # local port the SuperNode serves its ClientApps on (Flower's default: none)
+    insecure: bool = False  # plain-text gRPC: only for isolated test networks
+    node_name: str = ""  # the name the server reports this node by; empty: the config's host_id
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("datasets: a non-empty list of dataset names or roots")
+        if not self.insecure and self.root_certificates is None:
+            raise ValueError("root_certificates: required unless insecure is true")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     host_id: str
     robot_type: Literal["so100", "so101"]
@@ -68,8 +91,8 @@ class AgentConfig:
     safety: SafetySettings = field(default_factory=SafetySettings)
     # ZeroMQ address of this host's control API (zk0ctl); ipc:// paths need a writable directory.
     control_address: str = DEFAULT_CONTROL_ADDRESS
-    # This host's SuperNode settings; `zk0 node` validates them (zk0.agent.node.load_node_settings).
-    federation: dict[str, Any] | None = None
+    # This host's SuperNode settings (`zk0 node`); None: the host does not join a federation.
+    federation: FederationSettings | None = None
 
 
 def load_config(path: str | Path, check_devices: bool = True) -> AgentConfig:

@@ -8,7 +8,8 @@ that no longer opens. zk0 therefore commits one episode at a time:
    dataset reopened with `LeRobotDataset.resume` always starts new files);
 2. fsync what lerobot wrote;
 3. atomically replace `meta/zk0.json`, the commit record: episode count, zk0 per-episode metadata
-   (seed, success verdict, timing) and a snapshot of `info.json`, `stats.json` and the task list.
+   (seed, success verdict, timing), a snapshot of `info.json`, `stats.json` and the task list, and the
+   dataset's stable id (`zk0.learn.data.dataset_stable_id`: the held-out split is drawn from it).
 
 On open, everything past the commit record (files no committed episode references, metadata rows of
 uncommitted episodes, lerobot's temporary encoder/image directories) is removed and the snapshot
@@ -23,7 +24,8 @@ import json
 import os
 import shutil
 import signal
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,8 @@ from lerobot.datasets.utils import DEFAULT_TASKS_PATH, INFO_PATH, STATS_PATH
 
 from zk0.agent.video_encoder import EncodingDataset
 from zk0.hw.realtime import threads_without_realtime
+from zk0.learn.data import DATASET_ID_KEY, ZK0_META_PATH, derived_dataset_id
 
-ZK0_META_PATH = "meta/zk0.json"
 ZK0_META_FORMAT = 1
 # Seconds of slack between an episode's video span and its video file's duration.
 VIDEO_SPAN_TOLERANCE_S = 0.05
@@ -90,6 +92,8 @@ class CommitRecord:
     tasks: list[str] = field(default_factory=list)
     # Leading episodes recorded outside zk0 (a lerobot-record dataset zk0 adopted): committed, without zk0 metadata.
     adopted: int = 0
+    # Fixed for the dataset's life (see `new_dataset_id`); "" only in records written before zk0 kept one.
+    dataset_id: str = ""
 
     @property
     def committed(self) -> int:
@@ -104,6 +108,7 @@ class CommitRecord:
             "stats": self.stats,
             "tasks": self.tasks,
             "adopted": self.adopted,
+            DATASET_ID_KEY: self.dataset_id,
         }
 
     @classmethod
@@ -115,6 +120,7 @@ class CommitRecord:
             stats=raw["stats"],
             tasks=raw["tasks"],
             adopted=raw.get("adopted", 0),
+            dataset_id=raw.get(DATASET_ID_KEY, ""),
         )
 
 
@@ -295,7 +301,8 @@ def write_commit(root: Path, record: CommitRecord) -> None:
     _atomic_write(root / ZK0_META_PATH, json.dumps(record.to_json(), indent=1).encode())
 
 
-def snapshot_commit(root: Path, identity: DatasetIdentity, episodes: list[EpisodeMeta], adopted: int = 0) -> CommitRecord:
+def snapshot_commit(root: Path, identity: DatasetIdentity, episodes: list[EpisodeMeta], dataset_id: str,
+                    adopted: int = 0) -> CommitRecord:
     """A commit record for what lerobot has just finalized on disk."""
     stats_path = root / STATS_PATH
     return CommitRecord(
@@ -305,7 +312,17 @@ def snapshot_commit(root: Path, identity: DatasetIdentity, episodes: list[Episod
         stats=json.loads(stats_path.read_text()) if stats_path.exists() else None,
         tasks=_read_tasks(root),
         adopted=adopted,
+        dataset_id=dataset_id,
     )
+
+
+def new_dataset_id(root: Path, has_episodes: bool) -> str:
+    """The stable id a dataset gets when zk0 first records it: random for a new, empty dataset.
+
+    A dataset that already has episodes (recorded by lerobot-record, or by zk0 before it kept ids) has had its
+    held-out split drawn from `derived_dataset_id` until now; keeping that id keeps every episode on its side.
+    """
+    return derived_dataset_id(root) if has_episodes else uuid.uuid4().hex
 
 
 def _rewrite_without_later_episodes(path: Path, keep: int) -> None:
@@ -444,11 +461,11 @@ class DatasetStore:
         repo_id = f"local/{name}"
         if root.exists() and any(root.iterdir()):
             record, report = check_and_repair(root)
-            adopting = record is None
-            if adopting:
+            if record is None:
                 record = _adoption_record(root, identity)
             _check_compatible(root, record, features, fps, identity)
-            if adopting:
+            if not record.dataset_id:  # adopted just now, or recorded by zk0 before it kept ids
+                record = replace(record, dataset_id=new_dataset_id(root, has_episodes=record.committed > 0))
                 write_commit(root, record)
             store = cls(root, repo_id, identity, record, encoding)
             return store, report
@@ -459,7 +476,7 @@ class DatasetStore:
             repo_id, fps, features=features, root=root, robot_type=identity.robot_type, use_videos=True,
             **_writer_kwargs(encoding),
         )
-        record = snapshot_commit(root, identity, [])
+        record = snapshot_commit(root, identity, [], new_dataset_id(root, has_episodes=False))
         write_commit(root, record)
         store = cls(root, repo_id, identity, record, encoding)
         store._dataset = dataset
@@ -512,7 +529,8 @@ class DatasetStore:
             check_and_repair(self.root)
             raise EpisodeRejected(f"{saved.problem}; the episode was rolled back, committed episodes are intact")
         _fsync_tree(self.root)
-        record = snapshot_commit(self.root, self.identity, [*self._record.episodes, meta], self._record.adopted)
+        record = snapshot_commit(self.root, self.identity, [*self._record.episodes, meta], self._record.dataset_id,
+                                 self._record.adopted)
         write_commit(self.root, record)
         self._record = record
 
@@ -540,7 +558,7 @@ def _adoption_record(root: Path, identity: DatasetIdentity) -> CommitRecord:
     info = json.loads((root / INFO_PATH).read_text())
     if not lerobot_robot_matches(info.get("robot_type"), identity.robot_type):
         raise DatasetError(f"{root}: recorded with robot {info.get('robot_type')}, this host has {identity.robot_type}; use another --dataset name")
-    return snapshot_commit(root, identity, [], adopted=info["total_episodes"])
+    return snapshot_commit(root, identity, [], "", adopted=info["total_episodes"])
 
 
 def lerobot_robot_matches(recorded: str | None, robot_type: str) -> bool:

@@ -1,6 +1,7 @@
 """`zk0 node`: run this host's Flower SuperNode.
 
-Reads the `federation:` section of the agent config (plus `datasets_root`):
+Reads the `federation:` section of the agent config (zk0.agent.config.FederationSettings, typed and
+checked like the rest of the file; no device is opened) plus `host_id` and `datasets_root`:
 
     federation:
       superlink: "server.example.org:9093"
@@ -12,31 +13,40 @@ Reads the `federation:` section of the agent config (plus `datasets_root`):
       device: cpu
       runtime_port: 9094                           # local port the SuperNode serves its ClientApps on
       insecure: false                              # only for isolated test networks
+      node_name: arm1                              # how the server names this node; default: host_id
 
-The SuperNode runs with TLS and SuperNode authentication; Flower 1.41 SuperNodes never install
-app dependencies at run time unless `--allow-runtime-dependency-installation` is given, which zk0
-never passes: the host environment is installed once, by the package manager.
+`zk0 node --config FILE --check` prints the supernode command line and the node config it would run
+with, or the config's mistake, and exits. The SuperNode runs with TLS and SuperNode authentication;
+Flower 1.41 SuperNodes never install app dependencies at run time unless
+`--allow-runtime-dependency-installation` is given, which zk0 never passes: the host environment is
+installed once, by the package manager.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from zk0.agent.config import AgentConfig, load_config
+from zk0.common.flower_process import LaunchError, flower_env, flower_tool
+from zk0.common.typed_yaml import ConfigError
 
-from zk0.common.flower_process import flower_env, flower_tool
+# Fault-injection drills a node can run (node config `drill`, see zk0.agent.client_app): each makes the node
+# send one kind of reply the server must refuse or contain. Here, so `zk0 fleet` lists them without torch.
+DRILLS = ("nan", "hash", "stats-nan", "inflate-examples", "huge-norm", "stale-base")
 
-
-class NodeConfigError(ValueError):
-    """One line naming the key at fault."""
+NodeConfigValue = str | int | float | bool
 
 
 @dataclass(frozen=True)
 class NodeSettings:
+    """One SuperNode: where it connects, how, and the node config its ClientApps read."""
+
     superlink: str
     datasets: list[Path]
     policy_store: Path
@@ -46,20 +56,51 @@ class NodeSettings:
     device: str = "cpu"
     insecure: bool = False
     runtime_port: int | None = None
-    extra_node_config: dict[str, str | int | float | bool] = field(default_factory=dict)
+    node_name: str = ""
+    extra_node_config: dict[str, NodeConfigValue] = field(default_factory=dict)
 
-    def node_config(self) -> dict[str, str | int | float | bool]:
+    def node_config(self) -> dict[str, NodeConfigValue]:
         """What the ClientApp reads from `context.node_config`."""
         return {
             "dataset-roots": ",".join(str(p) for p in self.datasets),
             "policy-store": str(self.policy_store),
             "agent-address": self.agent_address,
             "device": self.device,
+            "node-name": self.node_name,
             **self.extra_node_config,
         }
 
 
-def format_node_config(values: Mapping[str, str | int | float | bool]) -> str:
+def node_settings(config: AgentConfig) -> NodeSettings:
+    """The SuperNode an agent config describes: dataset names resolved under `datasets_root`, the node
+    named after the host unless `federation.node_name` says otherwise."""
+    federation = config.federation
+    if federation is None:
+        raise ConfigError("federation: section missing (superlink address, certificates, datasets)")
+    return NodeSettings(
+        superlink=federation.superlink,
+        datasets=[Path(name) if os.path.isabs(name) else config.datasets_root / name for name in federation.datasets],
+        policy_store=federation.policy_store,
+        root_certificates=federation.root_certificates,
+        auth_private_key=federation.auth_private_key,
+        agent_address=federation.agent_address,
+        device=federation.device,
+        insecure=federation.insecure,
+        runtime_port=federation.runtime_port,
+        node_name=federation.node_name or config.host_id,
+    )
+
+
+def load_node_settings(path: Path) -> NodeSettings:
+    """`node_settings` of an agent config file; a mistake raises one `ConfigError` line naming the key."""
+    config = load_config(path, check_devices=False)
+    try:
+        return node_settings(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def format_node_config(values: Mapping[str, NodeConfigValue]) -> str:
     """Flower's `--node-config` syntax: space-separated TOML `key=value` pairs."""
     parts = []
     for key, value in values.items():
@@ -73,14 +114,13 @@ def format_node_config(values: Mapping[str, str | int | float | bool]) -> str:
 
 
 def supernode_command(settings: NodeSettings, runtime_port: int | None = None) -> list[str]:
+    """The `flower-supernode` command line for `settings` (`runtime_port` overrides the settings' port)."""
     runtime_port = runtime_port if runtime_port is not None else settings.runtime_port
     command = [flower_tool("flower-supernode"), "--superlink", settings.superlink,
                "--node-config", format_node_config(settings.node_config())]
     if settings.insecure:
         command.append("--insecure")
-    else:
-        if settings.root_certificates is None:
-            raise NodeConfigError("federation.root_certificates: required unless federation.insecure is true")
+    elif settings.root_certificates is not None:
         command += ["--root-certificates", str(settings.root_certificates)]
     if settings.auth_private_key is not None:
         command += ["--auth-supernode-private-key", str(settings.auth_private_key)]
@@ -90,51 +130,29 @@ def supernode_command(settings: NodeSettings, runtime_port: int | None = None) -
     return command
 
 
-def load_node_settings(path: Path) -> NodeSettings:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise NodeConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError:
-        raise NodeConfigError(f"{path}: not valid YAML") from None
-    federation = raw.get("federation")
-    if not isinstance(federation, dict):
-        raise NodeConfigError(f"{path}: federation: section missing (superlink address, certificates, datasets)")
-    known = {"superlink", "root_certificates", "auth_private_key", "datasets", "policy_store", "agent_address",
-             "device", "insecure", "runtime_port"}
-    unknown = sorted(set(federation) - known)
-    if unknown:
-        raise NodeConfigError(f"{path}: federation.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    if not isinstance(federation.get("superlink"), str):
-        raise NodeConfigError(f"{path}: federation.superlink: required, as host:port")
-    datasets_root = Path(raw.get("datasets_root", "/var/lib/zk0/datasets"))
-    names = federation.get("datasets") or []
-    if not isinstance(names, list) or not names:
-        raise NodeConfigError(f"{path}: federation.datasets: a non-empty list of dataset names or roots")
-    optional_path = lambda key: Path(federation[key]) if federation.get(key) else None  # noqa: E731
-    return NodeSettings(
-        superlink=federation["superlink"],
-        datasets=[datasets_root / str(n) if not os.path.isabs(str(n)) else Path(n) for n in names],
-        policy_store=Path(federation.get("policy_store", "/var/lib/zk0/policies")),
-        root_certificates=optional_path("root_certificates"),
-        auth_private_key=optional_path("auth_private_key"),
-        agent_address=str(federation.get("agent_address", "")),
-        device=str(federation.get("device", "cpu")),
-        insecure=bool(federation.get("insecure", False)),
-        runtime_port=int(federation["runtime_port"]) if federation.get("runtime_port") else None,
-    )
+def describe(settings: NodeSettings, command: list[str]) -> str:
+    """What `zk0 node --check` prints: the command line, then the node config one key per line."""
+    lines = ["supernode command:", f"  {shlex.join(command)}", "node config:"]
+    lines += [f"  {key} = {value!r}" for key, value in settings.node_config().items()]
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/agent.yaml"), help="agent YAML config")
+    parser.add_argument("--check", action="store_true",
+                        help="print the supernode command and node config this config gives, and exit")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        command = supernode_command(load_node_settings(args.config))
-    except NodeConfigError as err:
-        print(f"zk0 node: {err}")
+        settings = load_node_settings(args.config)
+        command = supernode_command(settings)
+    except (ConfigError, LaunchError) as err:
+        print(f"zk0 node: {err}", file=sys.stderr)
         return 2
+    if args.check:
+        print(describe(settings, command))
+        return 0
     # Replace this process: systemd (or the user's shell) then supervises flower-supernode directly.
     os.execve(command[0], command, flower_env())
     return 0  # not reached

@@ -1,8 +1,11 @@
 """`zk0 fleet local`: a whole federation on this machine, over Flower's real deployment engine.
 
 One `flower-superlink` and one `flower-supernode` per dataset, on loopback, with TLS (a fresh CA in
-the run directory) and SuperNode authentication (one registered key pair per node). The run is
-submitted with `flwr run`; everything started here is stopped before returning.
+the run directory) and SuperNode authentication (one registered key pair per node). Nodes are named
+after their dataset directory (`red`, `blue`, ...). Each `--drill-corrupt-node KIND` adds one more
+SuperNode on the first dataset, named `drill-KIND`, that runs that fault-injection drill
+(zk0.agent.node.DRILLS). The run is submitted with `flwr run`; everything started here is stopped
+before returning.
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zk0.agent.node import NodeSettings, supernode_command
+from zk0.agent.node import DRILLS, NodeSettings, supernode_command
 from zk0.server.certs import CertPaths, ensure_federation_keys
 from zk0.common.flower_process import LaunchError, ManagedProcess, free_port
 from zk0.server.launch import (
@@ -56,14 +59,15 @@ class LocalFleet:
 
     def add_node(self, name: str, datasets: list[Path], policy_store: Path,
                  extra_node_config: Mapping[str, RunConfigValue] | None = None) -> int:
-        """Make and register a key pair for `name`, then start its SuperNode; returns its node id."""
+        """Make and register a key pair for `name`, then start its SuperNode (node config `node-name`: `name`);
+        returns its node id."""
         assert self.spec is not None and self.cli is not None, "start_superlink() first"
         ensure_federation_keys(self.certs, [], [name])
         self.node_ids[name] = self.cli.register_node(self.certs.node_public_key(name), name=name)
         settings = NodeSettings(
             superlink=self.spec.address, datasets=datasets, policy_store=policy_store,
             root_certificates=self.certs.ca_cert, auth_private_key=self.certs.node_private_key(name),
-            extra_node_config=dict(extra_node_config or {}),
+            node_name=name, extra_node_config=dict(extra_node_config or {}),
         )
         self.node_settings.append(settings)
         self.supernodes.append(ManagedProcess(
@@ -134,6 +138,18 @@ class RoundProgress:
         self.printed = len(rounds)
 
 
+def unique_names(names: Sequence[str]) -> list[str]:
+    """`names` with repeats told apart: red, red, blue -> red, red-2, blue."""
+    unique: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in unique:
+            n += 1
+            candidate = f"{name}-{n}"
+        unique.append(candidate)
+    return unique
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="fleet_command", required=True)
     local = sub.add_parser("local", help="SuperLink + one SuperNode per dataset on this machine")
@@ -146,9 +162,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--eval-dataset", action="append", type=Path, default=None,
                        help="server-side held-out dataset (default: the --dataset roots' held-out split)")
     local.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run")
-    local.add_argument("--drill-corrupt-node", choices=["nan", "hash"], default=None,
-                       help="drill: add one more SuperNode that sends NaN or checksum-broken updates, to watch "
-                            "the server reject them")
+    local.add_argument("--drill-corrupt-node", choices=DRILLS, action="append", default=[], metavar="KIND",
+                       help="drill (repeatable): add one more SuperNode on the first dataset, named drill-KIND, that "
+                            "sends one kind of bad reply, to watch the server refuse it: nan / hash (broken update), "
+                            "stats-nan (NaN statistics), inflate-examples (1000x its examples), huge-norm (delta "
+                            "x1e4), stale-base (a delta against another global)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,11 +191,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         with LocalFleet(out / "fleet") as fleet:
             fleet.start_superlink()
-            for i, root in enumerate(args.dataset):
-                fleet.add_node(f"node{i}", [root.resolve()], out / "fleet" / f"node{i}" / "policies")
-            if args.drill_corrupt_node:
-                fleet.add_node("drill", [args.dataset[0].resolve()], out / "fleet" / "drill" / "policies",
-                               extra_node_config={"corrupt-updates": args.drill_corrupt_node})
+            # (dataset, drill) per SuperNode: one honest node per dataset, then the drill nodes on the first one
+            nodes = [(root.resolve(), "") for root in args.dataset]
+            nodes += [(nodes[0][0], kind) for kind in args.drill_corrupt_node]
+            names = unique_names([f"drill-{kind}" if kind else root.name for root, kind in nodes])
+            for name, (root, kind) in zip(names, nodes):
+                fleet.add_node(name, [root], out / "fleet" / "nodes" / name / "policies",
+                               extra_node_config={"drill": kind} if kind else None)
             fleet.wait_until_online()
             print(f"fleet: SuperLink {fleet.spec.address} (TLS, node auth) + {len(fleet.supernodes)} SuperNodes", flush=True)
             status = fleet.run(config.run_config(args.config.resolve() if args.config else None),

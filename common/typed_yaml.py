@@ -59,6 +59,9 @@ def _convert(hint: Any, value: Any, prefix: str, path: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        present = [option for option in options if option is not type(None)]
+        if len(present) == 1:
+            return _convert(present[0], value, prefix, path)  # its own error names the key at fault
         for option in options:
             if option is type(None):
                 continue

@@ -9,27 +9,43 @@ Layout of a checkpoint directory:
                                             (tiny / random-init models), so the checkpoint is self-contained
   zk0.json                                  run, round, parent, sha256 of model.safetensors, trainable names
 
-Everything is written into a temporary sibling directory, fsynced, then renamed into place, so a crash
-never leaves a half-written checkpoint under the final name.
+A checkpoint `<parent>/<name>` is a symlink to a version directory `<parent>/.<name>.v<ns>-<pid>`. Each save
+writes and fsyncs a new version, points a fresh symlink at it and renames that symlink over `<name>` (one
+atomic step), then deletes older versions and leftovers. A crash at any moment leaves `<name>` naming a
+complete checkpoint, the previous one or the new one; readers (lerobot's `from_pretrained`, `load_checkpoint`,
+anything opening `<name>/zk0.json`) go through the link unaware of it. A real directory left at `<name>` by
+older zk0 versions is swapped for the link atomically with renameat2(RENAME_EXCHANGE); where the kernel or
+file system lacks it, the directory is renamed away first, leaving one instant without a checkpoint under the
+name, once per such directory.
+
+config.json names the VLM by its path in zk0's VLM store (see zk0.learn.policy): lerobot's own loaders
+(`SmolVLAPolicy.from_pretrained`, `make_pre_post_processors`) load the checkpoint wherever that path exists,
+and a hub id needs nothing local. `load_checkpoint` also works where the store lacks it: it restores the
+store entry from the checkpoint's vlm/ copy, after which lerobot's loaders work on that host too if its store
+is at the same path.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zk0.learn.policy import PolicyBundle, trainable_names
+from zk0.learn.policy import VLM_DIR, PolicyBundle, resolve_checkpoint_vlm, trainable_names, vlm_files
 
 META_FILE = "zk0.json"
 STATS_FILE = "zk0_stats.npz"
-VLM_DIR = "vlm"
 WEIGHTS_FILE = "model.safetensors"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 
 
 @dataclass
@@ -51,18 +67,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync_path(path)
+    _fsync_path(root)
 
 
 def _copy_local_vlm(vlm_name: str, dest: Path) -> None:
@@ -70,37 +86,79 @@ def _copy_local_vlm(vlm_name: str, dest: Path) -> None:
     if not source.is_dir():
         return  # a hub id: resolvable wherever the checkpoint is loaded
     dest.mkdir()
-    for item in source.iterdir():
-        if item.is_file() and item.suffix in (".json", ".jinja", ".txt"):
-            shutil.copy2(item, dest / item.name)
+    for item in vlm_files(source):
+        shutil.copy2(item, dest / item.name)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); OSError where that is unavailable."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(b))
+
+
+def _link_over_directory(link: Path, out: Path) -> None:
+    """Put the symlink `link` where the real directory `out` is (written by older zk0 versions)."""
+    try:
+        _exchange(link, out)  # `link` now names the old directory; it goes with the other leftovers
+    except OSError:
+        os.replace(out, out.parent / f".{out.name}.legacy-{os.getpid()}")
+        os.replace(link, out)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_leftovers(out: Path, keep: Path) -> None:
+    """Delete the versions `out` no longer names and what interrupted saves (of any zk0 version) left."""
+    ours = re.compile(rf"\.{re.escape(out.name)}\.(v\d+-\d+|(link|legacy|tmp|old)-\d+)")
+    for path in out.parent.iterdir():
+        if ours.fullmatch(path.name) and path != keep:
+            _remove(path)
+
+
+def _publish(out: Path, version: Path) -> None:
+    """Make `out` name the complete checkpoint `version` in one atomic step, then drop what it named before."""
+    link = out.parent / f".{out.name}.link-{os.getpid()}"
+    _remove(link)  # left by a save that died here (after a swap, the old directory itself)
+    os.symlink(version.name, link)  # relative: the parent folder can be moved or copied whole
+    if out.is_dir() and not out.is_symlink():
+        _link_over_directory(link, out)
+    else:
+        os.replace(link, out)
+    _fsync_path(out.parent)
+    _remove_leftovers(out, keep=version)
 
 
 def save_checkpoint(out_dir: str | Path, bundle: PolicyBundle, meta: CheckpointMeta, stats=None) -> CheckpointMeta:
     """Atomically write the checkpoint; returns its metadata with sha256 filled in. `stats`: SufficientStats."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    version = out.parent / f".{out.name}.v{time.time_ns()}-{os.getpid()}"
     try:
-        bundle.policy.save_pretrained(tmp)
-        bundle.preprocessor.save_pretrained(tmp)
-        bundle.postprocessor.save_pretrained(tmp)
+        bundle.policy.save_pretrained(version)
+        bundle.preprocessor.save_pretrained(version)
+        bundle.postprocessor.save_pretrained(version)
         if stats is not None:
             import numpy as np
 
-            np.savez(tmp / STATS_FILE, **stats.to_record())
-        _copy_local_vlm(bundle.policy.config.vlm_model_name, tmp / VLM_DIR)
-        meta = CheckpointMeta(**{**asdict(meta), "sha256": sha256_file(tmp / WEIGHTS_FILE),
+            np.savez(version / STATS_FILE, **stats.to_record())
+        _copy_local_vlm(bundle.policy.config.vlm_model_name, version / VLM_DIR)
+        meta = CheckpointMeta(**{**asdict(meta), "sha256": sha256_file(version / WEIGHTS_FILE),
                                  "created": time.time(), "trainable": trainable_names(bundle.policy)})
-        (tmp / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
-        _fsync_tree(tmp)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (version / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
+        _fsync_tree(version)
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)
+        raise
+    _publish(out, version)
     return meta
 
 
@@ -121,11 +179,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[PolicyBundle
         raise ValueError(f"{root}: {WEIGHTS_FILE} sha256 {actual[:12]} != recorded {meta.sha256[:12]}")
     config = PreTrainedConfig.from_pretrained(root)
     config.device = device
-    pre_overrides: dict[str, Any] = {"device_processor": {"device": device}}
-    if not Path(config.vlm_model_name).exists() and (root / VLM_DIR).is_dir():
-        # the VLM directory it was trained with lived elsewhere: use the copy kept in the checkpoint
-        config.vlm_model_name = str(root / VLM_DIR)
-        pre_overrides["tokenizer_processor"] = {"tokenizer_name": config.vlm_model_name}
+    pre_overrides: dict[str, Any] = {"device_processor": {"device": device}, **resolve_checkpoint_vlm(root, config)}
     policy = SmolVLAPolicy.from_pretrained(root, config=config)
     pre, post = make_pre_post_processors(config, pretrained_path=str(root), preprocessor_overrides=pre_overrides)
     return PolicyBundle(policy, pre, post), meta

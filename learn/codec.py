@@ -7,13 +7,15 @@ is one `bytes` object:
 
 The header names the codec and lists every tensor's key, shape and dtype (and, for delta codecs, the SHA-256 of
 the round's global the delta was taken against); the body holds, per tensor in header order, its float32
-scales followed by its encoded values. The receiver checks length, checksum, header, the expected keys / shapes
-/ dtypes and the base digest, decodes every tensor into new memory, checks that all values are finite, and only
-then returns them: a bad payload raises a `CodecError` with a reason and never yields a partial update.
+scales (int8 codecs) followed by its encoded values. The receiver checks length, checksum, header, the expected
+keys / shapes / dtypes and the base digest, decodes every tensor into new memory, checks that all values are
+finite, and only then returns them: a bad payload raises a `CodecError` with a reason and never yields a partial update.
 
-Codecs and their error bounds (`x` the sent tensor, `g` the round's global, `d = x - g`):
+Codecs and their error bounds (`x` the sent tensor, `g` the round's global, `d = x - g`); all but `fp32` send `d`:
 - `fp32`: exact for float32 tensors.
-- `bf16`: round-to-nearest bfloat16, relative error <= 2**-8 per element.
+- `bf16`: round-to-nearest bfloat16 of `d`, |error| <= |d| * 2**-8 per element (plus the float32 rounding of
+  `g + d`). Rounding `d` rather than `x` keeps small updates: bfloat16 of a weight near 0.03 moves in steps of
+  ~1.2e-4, so a local step of 1e-5 would vanish entirely.
 - `int8-delta`: symmetric int8 of `d` with one scale per tensor, `s = max|d| / 127`; |error| <= s / 2.
 - `int8-delta-row`: as above with one scale per row (first dimension) of every matrix; |error| <= s_row / 2,
   which is tighter wherever rows differ in magnitude, for 4 bytes per row.
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 MAGIC = b"ZK0U"
-VERSION = 1
+VERSION = 2  # 2: bf16 carries the delta against the global (version 1 sent bf16 of the weights)
 _PREFIX = struct.Struct("<4sBIQ")  # magic, version, header length, body length
 _DIGEST_BYTES = 32
 FLOWER_KEY = "zk0.update"
@@ -65,15 +67,19 @@ class NonFinite(CodecError):
 
 @dataclass(frozen=True)
 class _Codec:
-    """How one tensor's values become bytes; scales are float32, one per row (or one per tensor)."""
+    """How one tensor's values become bytes; int8 codecs add float32 scales, one per row (or one per tensor)."""
 
     name: str
     is_delta: bool
     bytes_per_value: int
     per_row: bool = False
 
+    @property
+    def quantized(self) -> bool:
+        return self.bytes_per_value == 1
+
     def scale_count(self, shape: tuple[int, ...]) -> int:
-        if not self.is_delta:
+        if not self.quantized:
             return 0
         return shape[0] if self.per_row and len(shape) >= 2 else 1
 
@@ -110,7 +116,7 @@ CODECS: dict[str, _Codec] = {
     c.name: c
     for c in (
         _Codec("fp32", is_delta=False, bytes_per_value=4),
-        _Codec("bf16", is_delta=False, bytes_per_value=2),
+        _Codec("bf16", is_delta=True, bytes_per_value=2),
         _Codec("int8-delta", is_delta=True, bytes_per_value=1),
         _Codec("int8-delta-row", is_delta=True, bytes_per_value=1, per_row=True),
     )

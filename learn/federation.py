@@ -19,8 +19,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from zk0.learn import stats as fedstats
-from zk0.learn.data import EpisodeData, FrameCache, policy_image_size, split_episodes
-from zk0.learn.policy import PolicyBundle, PolicySpec, make_policy_bundle
+from zk0.learn.data import EpisodeData, FrameCache, dataset_stable_id, policy_image_size, split_episodes
+from zk0.learn.policy import PolicyBundle, PolicySpec, seeded_policy_bundle
 
 UPDATE_RECORD = "update"  # reply key of the encoded update (an ArrayRecord from codec.to_array_record)
 METRICS_RECORD = "metrics"
@@ -44,7 +44,14 @@ def stats_to_record(stats: fedstats.SufficientStats) -> ArrayRecord:
 
 
 def stats_from_record(record: ArrayRecord) -> fedstats.SufficientStats:
-    return fedstats.SufficientStats.from_record({key: array.numpy() for key, array in record.items()})
+    """A node's statistics as sent; anything malformed raises `fedstats.StatsInvalid` (the server refuses it)."""
+    arrays = {}
+    for key, array in record.items():
+        try:
+            arrays[key] = array.numpy()
+        except Exception as exc:  # untrusted bytes: whatever deserializing them raises, it is a bad record
+            raise fedstats.StatsInvalid(f"stats record array {key!r} is unreadable: {exc}") from None
+    return fedstats.SufficientStats.from_record(arrays)
 
 
 # Small chunks keep a tiny-model federation fast on CPU; full models use SmolVLA's own 50.
@@ -62,9 +69,8 @@ def build_federated_policy(model: str, device: str, dataset_root: Path, stats: f
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
     meta = LeRobotDatasetMetadata(f"local/{dataset_root.name}", root=dataset_root)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # randomly initialised (tiny / full-random) frozen weights must match everywhere
-        return make_policy_bundle(policy_spec(model, device), meta, stats=fedstats.to_lerobot_stats(stats))
+    # randomly initialised (tiny / full-random) frozen weights must match everywhere
+    return seeded_policy_bundle(policy_spec(model, device), meta, seed, stats=fedstats.to_lerobot_stats(stats))
 
 
 def frozen_sha256(policy: torch.nn.Module) -> str:
@@ -79,17 +85,18 @@ def frozen_sha256(policy: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def held_out_data(roots: Sequence[Path], policy_config: Any, eval_fraction: float, seed: int,
+def held_out_data(roots: Sequence[Path], policy_config: Any, eval_fraction: float, *,
                   cache: FrameCache | None = None) -> tuple[list[EpisodeData], dict[str, EpisodeData]]:
-    """(train parts, held-out parts by dataset name) with the episode split every participant uses."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    """(train parts, held-out parts by dataset name) with the episode split every participant uses.
 
+    The split is each dataset's own (`split_episodes` over `dataset_stable_id`): an episode keeps its side as
+    the dataset grows, whoever evaluates it.
+    """
     cache = cache or FrameCache()
     train, held_out = [], {}
     for root in roots:
-        meta = LeRobotDatasetMetadata(f"local/{root.name}", root=root)
         data = EpisodeData(root, policy_config.chunk_size, policy_image_size(policy_config), cache)
-        train_eps, eval_eps = split_episodes(meta.total_episodes, eval_fraction, seed)
+        train_eps, eval_eps = split_episodes(dataset_stable_id(root), data.meta.total_episodes, eval_fraction)
         train.append(data.subset(train_eps))
         if eval_eps:
             held_out[root.name] = data.subset(eval_eps)

@@ -33,10 +33,23 @@ if TYPE_CHECKING:
 
 QUANTILES: tuple[float, ...] = (0.01, 0.10, 0.50, 0.90, 0.99)  # lerobot's DEFAULT_QUANTILES
 _RECORD_FIELDS = ("count", "mean", "m2", "min", "max")
+_HISTOGRAM_FIELDS = ("hist_spec", "hist_counts")
 
 
 class StatsMismatch(ValueError):
     """Statistics that cannot be combined or applied: feature names, shapes or histogram ranges differ."""
+
+
+class StatsInvalid(StatsMismatch):
+    """A statistics record that real frames cannot have produced; `reason` names the feature and the fault.
+
+    A subclass of `StatsMismatch` (so of `ValueError`): callers refusing mismatching statistics refuse
+    these too.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -132,39 +145,113 @@ class SufficientStats:
 
     @classmethod
     def from_record(cls, record: Mapping[str, np.ndarray]) -> SufficientStats:
-        """Inverse of `to_record`; refuses records with missing fields or inconsistent shapes."""
+        """Inverse of `to_record`, for records sent by other hosts: untrusted until validated.
+
+        Raises `StatsInvalid` (and nothing else) for any record `to_record` could not have produced from real
+        frames: missing or unknown fields, wrong dtypes or shapes, non-finite values, count <= 0, negative
+        M2, min > max, a mean outside [min, max], counts differing between features, or a histogram whose
+        range is invalid or whose counts are negative or do not add up to the frame count. One poisoned
+        record would otherwise corrupt the normalization of every participant.
+        """
+        if not isinstance(record, Mapping):
+            raise StatsInvalid(f"stats record is a {type(record).__name__}, not a mapping")
         grouped: dict[str, dict[str, np.ndarray]] = {}
         for key, value in record.items():
-            name, sep, field_name = key.rpartition("/")
-            if not sep or not name:
-                raise StatsMismatch(f"stats record key {key!r} is not '<feature>/<field>'")
-            grouped.setdefault(name, {})[field_name] = np.asarray(value)
-        features: dict[str, FeatureStats] = {}
-        for name, fields in grouped.items():
-            missing = [f for f in _RECORD_FIELDS if f not in fields]
-            if missing:
-                raise StatsMismatch(f"stats for feature {name!r} lack {', '.join(missing)}")
-            shape = fields["mean"].shape
-            for f in ("m2", "min", "max"):
-                if fields[f].shape != shape:
-                    raise StatsMismatch(f"feature {name!r}: {f} has shape {fields[f].shape}, mean has {shape}")
-            histogram, hist_counts = None, None
-            if "hist_spec" in fields:
-                low, high, bins = fields["hist_spec"].tolist()
-                histogram = HistogramSpec(float(low), float(high), int(bins))
-                hist_counts = fields["hist_counts"].astype(np.int64)
-                if hist_counts.shape != (*shape, histogram.bins + 2):
-                    raise StatsMismatch(f"feature {name!r}: histogram counts have shape {hist_counts.shape}")
-            features[name] = FeatureStats(
-                count=int(fields["count"].reshape(-1)[0]),
-                mean=fields["mean"].astype(np.float64),
-                m2=fields["m2"].astype(np.float64),
-                min=fields["min"].astype(np.float64),
-                max=fields["max"].astype(np.float64),
-                histogram=histogram,
-                hist_counts=hist_counts,
-            )
+            name, field_name = _split_key(key)
+            grouped.setdefault(name, {})[field_name] = _as_array(name, field_name, value)
+        if not grouped:
+            raise StatsInvalid("stats record has no features")
+        features = {name: _feature_from_fields(name, fields) for name, fields in grouped.items()}
+        counts = {fs.count for fs in features.values()}
+        if len(counts) > 1:
+            raise StatsInvalid(f"stats record counts {sorted(counts)} frames for different features of one dataset")
         return cls(features)
+
+
+def _split_key(key: Any) -> tuple[str, str]:
+    if not isinstance(key, str):
+        raise StatsInvalid(f"stats record key {key!r} is not a string")
+    name, sep, field_name = key.rpartition("/")
+    if not sep or not name:
+        raise StatsInvalid(f"stats record key {key!r} is not '<feature>/<field>'")
+    if field_name not in _RECORD_FIELDS + _HISTOGRAM_FIELDS:
+        raise StatsInvalid(f"feature {name!r}: unknown field {field_name!r}")
+    return name, field_name
+
+
+def _as_array(name: str, field_name: str, value: Any) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # untrusted input: ragged sequences, objects whose __array__ raises, ...
+        raise StatsInvalid(f"feature {name!r}: {field_name} is not an array ({exc})") from None
+    if array.dtype.kind not in "iuf":
+        raise StatsInvalid(f"feature {name!r}: {field_name} has dtype {array.dtype}, expected a number type")
+    return array
+
+
+def _field(name: str, fields: Mapping[str, np.ndarray], field_name: str, kind: str,
+           shape: tuple[int, ...]) -> np.ndarray:
+    """`fields[field_name]` checked for number kind ('i': integer, 'f': float) and shape, as int64 / float64."""
+    value = fields[field_name]
+    if (kind == "i" and value.dtype.kind not in "iu") or (kind == "f" and value.dtype.kind != "f"):
+        raise StatsInvalid(f"feature {name!r}: {field_name} has dtype {value.dtype}, expected "
+                           f"{'an integer' if kind == 'i' else 'a float'} type")
+    if value.shape != shape:
+        raise StatsInvalid(f"feature {name!r}: {field_name} has shape {value.shape}, expected {shape}")
+    if kind == "i":
+        if value.dtype.kind == "u" and (value > np.iinfo(np.int64).max).any():
+            raise StatsInvalid(f"feature {name!r}: {field_name} exceeds the int64 range")
+        return value.astype(np.int64)
+    converted = value.astype(np.float64)
+    if not np.isfinite(converted).all():
+        raise StatsInvalid(f"feature {name!r}: {field_name} contains NaN or infinity")
+    return converted
+
+
+def _feature_from_fields(name: str, fields: Mapping[str, np.ndarray]) -> FeatureStats:
+    missing = [f for f in _RECORD_FIELDS if f not in fields]
+    if missing:
+        raise StatsInvalid(f"feature {name!r}: stats lack {', '.join(missing)}")
+    mean_shape = fields["mean"].shape
+    if len(mean_shape) != 1 or mean_shape[0] < 1:
+        raise StatsInvalid(f"feature {name!r}: mean has shape {mean_shape}, expected (dims,) with dims >= 1")
+    count = int(_field(name, fields, "count", "i", (1,))[0])
+    if count < 1:
+        raise StatsInvalid(f"feature {name!r}: count {count} is not positive")
+    mean, m2, low, high = (_field(name, fields, f, "f", mean_shape) for f in ("mean", "m2", "min", "max"))
+    if (m2 < 0).any():
+        raise StatsInvalid(f"feature {name!r}: m2 (sum of squared deviations) is negative")
+    if (low > high).any():
+        raise StatsInvalid(f"feature {name!r}: min exceeds max")
+    # The mean of float64 frames may exceed their range by rounding only (a few ulps).
+    slack = 1e-9 * (np.abs(low) + np.abs(high)) + 1e-300
+    if ((mean < low - slack) | (mean > high + slack)).any():
+        raise StatsInvalid(f"feature {name!r}: mean lies outside [min, max]")
+    histogram, hist_counts = _histogram_from_fields(name, fields, mean_shape[0], count)
+    return FeatureStats(count=count, mean=mean, m2=m2, min=low, max=high, histogram=histogram,
+                        hist_counts=hist_counts)
+
+
+def _histogram_from_fields(name: str, fields: Mapping[str, np.ndarray], dims: int,
+                           count: int) -> tuple[HistogramSpec | None, np.ndarray | None]:
+    present = [f for f in _HISTOGRAM_FIELDS if f in fields]
+    if not present:
+        return None, None
+    if len(present) == 1:
+        raise StatsInvalid(f"feature {name!r}: has {present[0]} but not both of {', '.join(_HISTOGRAM_FIELDS)}")
+    low, high, bins = _field(name, fields, "hist_spec", "f", (3,)).tolist()
+    if bins != int(bins) or bins < 1:
+        raise StatsInvalid(f"feature {name!r}: histogram bin count {bins} is not a positive integer")
+    try:
+        histogram = HistogramSpec(low, high, int(bins))
+    except ValueError as exc:
+        raise StatsInvalid(f"feature {name!r}: {exc}") from None
+    hist_counts = _field(name, fields, "hist_counts", "i", (dims, histogram.bins + 2))
+    if (hist_counts < 0).any():
+        raise StatsInvalid(f"feature {name!r}: histogram counts are negative")
+    if (hist_counts.sum(axis=1, dtype=np.float64) != count).any():
+        raise StatsInvalid(f"feature {name!r}: histogram counts do not add up to count {count}")
+    return histogram, hist_counts
 
 
 def from_arrays(frames: Mapping[str, np.ndarray], histogram: HistogramSpec | None = HistogramSpec()) -> SufficientStats:

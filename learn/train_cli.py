@@ -2,6 +2,8 @@
 
 Writes to --out: metrics.json (per-step loss, held-out losses per dataset and composite, timings),
 loss.png, and checkpoint/ (policy + processors normalizing with the datasets' combined statistics).
+--seed fixes the initial weights and the order of the training samples, so two runs with the same seed on
+the same machine start from the same held-out loss and end with the same weights.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", default="base", help="base | tiny | full-random | PATH (default: base)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="fixes the initial weights and the training order")
     parser.add_argument("--lr", type=float, default=None, help="constant LR (default: SmolVLA warmup+cosine)")
     parser.add_argument("--eval-fraction", type=float, default=0.2, help="episodes held out per dataset")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -77,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
     from zk0.learn import stats as fedstats
     from zk0.learn.checkpoint import CheckpointMeta, save_checkpoint
-    from zk0.learn.data import ConcatData, EpisodeData, FrameCache, policy_image_size, split_episodes
+    from zk0.learn.data import ConcatData, policy_image_size, sized_frame_cache
     from zk0.learn.evaluate import evaluate_datasets
-    from zk0.learn.policy import PolicySpec, make_policy_bundle
+    from zk0.learn.federation import held_out_data
+    from zk0.learn.policy import PolicySpec, seeded_policy_bundle
     from zk0.learn.trainer import LocalTrainer, TrainerConfig
 
     roots = [Path(r) for r in args.dataset]
@@ -93,18 +96,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     combined = fedstats.combine([fedstats.from_dataset(root) for root in roots])
-    metas = [LeRobotDatasetMetadata(f"local/{r.name}", root=r) for r in roots]
-    bundle = make_policy_bundle(PolicySpec(model=args.model, device=args.device), metas[0],
-                                stats=fedstats.to_lerobot_stats(combined))
+    meta = LeRobotDatasetMetadata(f"local/{roots[0].name}", root=roots[0])
+    bundle = seeded_policy_bundle(PolicySpec(model=args.model, device=args.device), meta, args.seed,
+                                  stats=fedstats.to_lerobot_stats(combined))
     config = bundle.policy.config
-    cache = FrameCache()
-    train_parts, held_out = [], {}
-    for root, meta in zip(roots, metas, strict=True):
-        data = EpisodeData(root, config.chunk_size, policy_image_size(config), cache)
-        train_eps, eval_eps = split_episodes(meta.total_episodes, args.eval_fraction, args.seed)
-        train_parts.append(data.subset(train_eps))
-        if eval_eps:
-            held_out[root.name] = data.subset(eval_eps)
+    cache = sized_frame_cache(policy_image_size(config), roots, disk_dir=None)
+    train_parts, held_out = held_out_data(roots, config, args.eval_fraction, cache=cache)
 
     metrics: dict = {"model": args.model, "datasets": [str(r) for r in roots], "steps": args.steps,
                      "batch_size": args.batch_size, "seed": args.seed}

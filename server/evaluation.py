@@ -16,7 +16,7 @@ class ServerEvaluator:
 
     def __init__(self, bundle: PolicyBundle, roots: Sequence[Path], eval_fraction: float, seed: int,
                  max_samples: int):
-        _, self.held_out = held_out_data(roots, bundle.policy.config, eval_fraction, seed)
+        _, self.held_out = held_out_data(roots, bundle.policy.config, eval_fraction)
         if not self.held_out:
             raise ValueError("server evaluation needs datasets with at least 2 episodes (one is held out)")
         self.bundle = bundle

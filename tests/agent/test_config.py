@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zk0.agent.config import AgentConfig, ConfigError, load_config, parse_config
+from zk0.agent.config import AgentConfig, ConfigError, FederationSettings, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,6 +42,19 @@ def test_shipped_configs_parse() -> None:
         config = load_config(REPO / "configs" / name, check_devices=False)
         assert isinstance(config, AgentConfig)
         assert config.record.fps == 30 and len(config.cameras) == 2
+        if name != "agent.yaml":  # the real-arm examples show a federation section
+            assert isinstance(config.federation, FederationSettings) and config.federation.insecure is False
+    assert load_config(REPO / "configs" / "agent.yaml", check_devices=False).federation is None
+
+
+def test_federation_section_types() -> None:
+    config = parse_config(_with(("federation",), {
+        "superlink": "fl:9093", "datasets": ["a", "/abs/b"], "root_certificates": "~/ca.crt", "runtime_port": 9094}))
+    federation = config.federation
+    assert isinstance(federation, FederationSettings)
+    assert federation.datasets == ["a", "/abs/b"] and federation.runtime_port == 9094
+    assert federation.root_certificates == Path("~/ca.crt").expanduser() and federation.insecure is False
+    assert federation.node_name == "" and federation.policy_store == Path("/var/lib/zk0/policies")
 
 
 def test_valid_config_types() -> None:
@@ -63,6 +76,14 @@ def test_valid_config_types() -> None:
         (("cameras",), [{"name": "a"}], "cameras[0].index_or_path: required"),
         (("safety",), {"max_relative_target": -1}, "safety.max_relative_target: must be positive"),
         (("leader",), "COM3", "leader: expected a mapping"),
+        (("federation",), {"superlink": "h:1", "datasets": ["a"], "insecure": "false"},
+         "federation.insecure: expected bool, got str 'false'"),
+        (("federation",), {"superlink": "h:1", "datasets": ["a"], "insecure": True, "colour": 1},
+         "federation.colour: unknown key"),
+        (("federation",), {"superlink": "h:1", "datasets": "a", "insecure": True, "runtime_port": 1.5},
+         "federation.runtime_port: expected int, got float 1.5"),
+        (("federation",), {"superlink": "h:1", "datasets": ["a"]},
+         "federation.root_certificates: required unless insecure is true"),
     ],
 )
 def test_mistakes_name_the_key(path: tuple, value, message: str) -> None:

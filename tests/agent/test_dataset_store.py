@@ -188,3 +188,43 @@ def test_recording_leaves_this_process_normally_scheduled(tmp_path: Path) -> Non
     _store_with_episodes(tmp_path, 2).close()
     _lerobot_record_dataset(tmp_path / "other", 1)
     assert all(os.sched_getscheduler(int(t)) & ~os.SCHED_RESET_ON_FORK == os.SCHED_OTHER for t in os.listdir("/proc/self/task"))
+
+
+def test_a_new_dataset_gets_a_random_id_kept_across_commits_and_sessions(tmp_path: Path) -> None:
+    from zk0.learn.data import dataset_stable_id
+
+    store = _store_with_episodes(tmp_path, 1)
+    dataset_id = read_commit(tmp_path / NAME).dataset_id
+    assert len(dataset_id) == 32 and int(dataset_id, 16) >= 0
+    assert dataset_stable_id(tmp_path / NAME) == dataset_id
+    store.close()
+    reopened, _ = DatasetStore.open(tmp_path, NAME, FEATURES, 30, IDENTITY)
+    _add_episode(reopened, 1)
+    reopened.commit_episode(_meta(1))
+    reopened.close()
+    assert read_commit(tmp_path / NAME).dataset_id == dataset_id
+    other = _store_with_episodes(tmp_path / "elsewhere", 0)
+    assert read_commit(other.root).dataset_id != dataset_id
+
+
+def test_adoption_and_old_records_keep_the_id_their_split_was_drawn_from(tmp_path: Path) -> None:
+    """A dataset with episodes but no stored id was split by its derived id; zk0 keeps that id."""
+    from zk0.learn.data import dataset_stable_id
+
+    _lerobot_record_dataset(tmp_path, 2)
+    before = dataset_stable_id(tmp_path / NAME)
+    store, _ = DatasetStore.open(tmp_path, NAME, FEATURES, 30, IDENTITY)
+    assert read_commit(tmp_path / NAME).dataset_id == before
+    _add_episode(store, 2)
+    store.commit_episode(_meta(2))
+    store.close()
+    assert dataset_stable_id(tmp_path / NAME) == before
+
+    legacy = _store_with_episodes(tmp_path / "legacy", 1)
+    legacy.close()
+    raw = json.loads((legacy.root / ZK0_META_PATH).read_text())
+    del raw["dataset_id"]  # written before zk0 kept ids
+    (legacy.root / ZK0_META_PATH).write_text(json.dumps(raw))
+    derived = dataset_stable_id(legacy.root)
+    DatasetStore.open(tmp_path / "legacy", NAME, FEATURES, 30, IDENTITY)[0].close()
+    assert read_commit(legacy.root).dataset_id == derived == dataset_stable_id(legacy.root)

@@ -203,10 +203,12 @@ def test_train_handler_declines_when_the_agent_refuses_or_is_absent(address: str
         [msg] = pushed(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), ListingGrid([NODE_ID])))
     agent = GrantingAgent(address, busy="recording in progress")
     try:
-        reply = client_app.train(msg, _context({"agent-address": address, "dataset-roots": str(tmp_path / "none")}))
+        reply = client_app.train(msg, _context({"agent-address": address, "dataset-roots": str(tmp_path / "none"),
+                                                 "node-name": "arm1"}))
     finally:
         agent.close()
-    assert dict(reply.content.config_records["info"]) == {"declined": "training lease refused: recording in progress"}
+    assert dict(reply.content.config_records["info"]) == {"declined": "training lease refused: recording in progress",
+                                                          "node-name": "arm1"}
     assert not reply.content.array_records and agent.commands() == [lease.LEASE]
     assert agent.seen[0].args.holder == f"flower node {NODE_ID}"
     nobody = f"ipc://{tmp_path}/nobody.sock"
@@ -263,9 +265,10 @@ def test_train_handler_without_an_agent_trains_directly_and_sends_a_partial_upda
     from zk0.server.strategy import Outcome
 
     root, strategy, arrays = federation
-    node_config = {"dataset-roots": str(root), "policy-store": ""}
+    node_config = {"dataset-roots": str(root), "policy-store": "", "node-name": "kitchen"}
     direct = client_app.train(_train_message(strategy, arrays, 1, local_steps=3), _context(node_config))
-    assert direct.content.metric_records["metrics"]["steps"] == 3 and "preempted" not in direct.content["info"]
+    assert direct.content.metric_records["metrics"]["steps"] == 3
+    assert dict(direct.content["info"]) == {"node-name": "kitchen", "dataset-id": client_app.dataset_id([root])}
     strategy.aggregate_train(1, [direct])
     assert strategy.current.clients[NODE_ID].outcome == Outcome.ACCEPTED
 

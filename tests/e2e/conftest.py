@@ -1,5 +1,6 @@
 """Shared by the end-to-end federation tests: the `zk0` command as a subprocess, two datasets recorded once
-per session with `zk0 record --sim` (different tasks), and a server config small enough for minutes-long runs."""
+per session with `zk0 record --sim` (different tasks), and a server config small enough for minutes-long runs
+(few local steps and evaluation samples; the learning-rate schedule is the shipped one)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ FAST_CONFIG = """
 training: {local_steps: 8, batch_size: 4, eval_fraction: 0.25}
 evaluation: {max_samples: 16}
 nodes: {round_timeout_s: 600}
-scheduler: {base_lr: 1.0e-3, max_lr: 2.0e-3}
 """
 
 

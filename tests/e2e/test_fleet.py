@@ -2,8 +2,9 @@
 SuperLink and real SuperNodes with TLS and node auth, the tiny model, three rounds.
 
 Checks the issue's acceptance list: loadable round-3 checkpoint, per-client and server losses every round,
-server eval loss below round 0, normalization = union of both datasets, a third node's NaN updates refused
-with a logged reason while rounds complete, and a killed-and-restarted server resuming at round 3.
+server eval loss below round 0, normalization = union of both datasets, every drill node's bad replies refused
+(or, for inflated example counts, contained) with a recorded reason while rounds complete, and a
+killed-and-restarted server resuming at round 3.
 """
 
 from __future__ import annotations
@@ -32,15 +33,31 @@ def _union_stats(roots: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
+DRILLS = ("nan", "stats-nan", "inflate-examples", "huge-norm", "stale-base")
+
+
+def test_fleet_node_names_are_told_apart() -> None:
+    from zk0.cli.fleet import unique_names
+
+    assert unique_names(["red", "blue", "red", "red-2", "drill-nan", "drill-nan"]) == [
+        "red", "blue", "red-2", "red-2-2", "drill-nan", "drill-nan-2"]
+
+
 @pytest.mark.slow
-def test_fleet_local_three_rounds_with_a_corrupt_node(tmp_path, datasets, fast_config):
+def test_fleet_local_three_rounds_with_drill_nodes(tmp_path, datasets, fast_config):
+    """Seven SuperNodes: `red`, `blue` and one drill node per kind (on red's data), all in one run, so the
+    drills cost one federation's start-up. Per round: red, blue, drill-stats-nan (bad statistics, honest
+    training) and drill-inflate-examples (weight capped) are accepted; nan, huge-norm and stale-base rejected."""
     run = tmp_path / "run"
+    drills = [arg for kind in DRILLS for arg in ("--drill-corrupt-node", kind)]
+    started = time.monotonic()
     result = run_zk0("fleet", "local", "--dataset", str(datasets[0]), "--dataset", str(datasets[1]), "--rounds", "3",
-                     "--out", str(run), "--model", "tiny", "--config", str(fast_config), "--drill-corrupt-node", "nan",
-                     "--timeout", "1500", timeout=1800)
+                     "--out", str(run), "--model", "tiny", "--config", str(fast_config), *drills,
+                     "--timeout", "2400", timeout=2700)
+    print(f"fleet run with {2 + len(DRILLS)} SuperNodes: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     for n in (1, 2, 3):
-        assert f"round {n}/3: 2/3 updates accepted" in result.stdout
+        assert f"round {n}/3: 4/7 updates accepted, 3 rejected" in result.stdout
 
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
@@ -48,16 +65,32 @@ def test_fleet_local_three_rounds_with_a_corrupt_node(tmp_path, datasets, fast_c
     assert sum(p.numel() for p in policy.parameters()) > 0
 
     metrics = json.loads((run / "federated_metrics.json").read_text())
+    normalization = {entry["name"]: entry for entry in metrics["normalization"]["nodes"].values()}
+    assert sorted(normalization) == sorted(["red", "blue", *(f"drill-{kind}" for kind in DRILLS)])
+    assert normalization["drill-stats-nan"]["outcome"] == "rejected"
+    assert "NaN" in normalization["drill-stats-nan"]["reason"] or "finite" in normalization["drill-stats-nan"]["reason"]
+    assert all(e["outcome"] == "accepted" for name, e in normalization.items() if name != "drill-stats-nan")
+    assert normalization["drill-stats-nan"]["dataset_id"] == normalization["red"]["dataset_id"]  # same data
+    assert normalization["red"]["dataset_id"] != normalization["blue"]["dataset_id"]
+
     rounds = {entry["round"]: entry for entry in metrics["rounds"]}
     assert sorted(rounds) == [0, 1, 2, 3]
     for n in (1, 2, 3):
         clients = rounds[n]["clients"]
+        by_name = {c["name"]: c for c in clients.values()}
+        assert len(by_name) == len(clients) == 7
         accepted = [c for c in clients.values() if c["accepted"]]
         rejected = [c for c in clients.values() if c["outcome"] == "rejected"]
-        assert len(accepted) == 2 and all(np.isfinite(c["metrics"]["policy-loss"]) for c in accepted)
+        assert len(accepted) == 4 and all(np.isfinite(c["metrics"]["policy-loss"]) for c in accepted)
         for c in accepted:  # the nodes trained with exactly what the server scheduled
             assert c["metrics"]["lr"] == pytest.approx(rounds[n]["lr"]) and c["metrics"]["mu"] == pytest.approx(c["mu"])
-        assert len(rejected) == 1 and "NaN" in rejected[0]["reason"]
+        assert {c["name"] for c in accepted} == {"red", "blue", "drill-stats-nan", "drill-inflate-examples"}
+        assert {c["name"] for c in rejected} == {"drill-nan", "drill-huge-norm", "drill-stale-base"}
+        assert "NaN" in by_name["drill-nan"]["reason"]
+        assert "weighted as" in by_name["drill-inflate-examples"]["reason"]  # its claimed examples, capped
+        assert "from the global (L2), above" in by_name["drill-huge-norm"]["reason"]  # the norm bound
+        assert "different global" in by_name["drill-stale-base"]["reason"]
+        assert by_name["red"]["reason"] == by_name["blue"]["reason"] == ""
         assert rounds[n]["lr"] > 0 and rounds[n]["mu"] > 0 and rounds[n]["bytes_in"] > 0
         assert (run / f"round_{n}_server_eval.json").exists()
     assert rounds[3]["server_eval"]["loss"] < rounds[0]["server_eval"]["loss"]
@@ -70,6 +103,7 @@ def test_fleet_local_three_rounds_with_a_corrupt_node(tmp_path, datasets, fast_c
     for feature, (mean, var, count) in _union_stats(datasets).items():
         fs = saved.features[feature]
         assert fs.count == count
+        assert np.isfinite(fs.mean).all() and np.isfinite(fs.m2).all()
         np.testing.assert_allclose(fs.mean, mean, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(fs.m2 / fs.count, var, rtol=1e-7, atol=1e-9)
 

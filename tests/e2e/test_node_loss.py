@@ -19,6 +19,7 @@ from zk0.server.config import load_server_config
 from zk0.cli.fleet import LocalFleet
 from zk0.common.flower_process import ManagedProcess
 from zk0.server.launch import wait_for_run, write_app_dir
+from zk0.server.strategy import node_label
 
 
 def _crash(process: ManagedProcess) -> None:
@@ -43,7 +44,7 @@ def test_a_node_killed_mid_round_is_left_out_and_the_run_finishes(tmp_path, data
         fleet.wait_until_online()
         run_id = fleet.cli.start_run(write_app_dir(tmp_path / "fleet" / "app", config.run_config(fast_config)))
         deadline = time.monotonic() + 900
-        sent = f"round 1: node {victim} trains with"
+        sent = f"round 1: {node_label(victim, 'victim')} trains with"
         while not ((run / "server.log").exists() and sent in (run / "server.log").read_text()):
             assert time.monotonic() < deadline, "round 1 never started"
             time.sleep(0.5)
@@ -58,10 +59,11 @@ def test_a_node_killed_mid_round_is_left_out_and_the_run_finishes(tmp_path, data
     assert {int(n) for n, c in first.items() if c["accepted"]} == survivors
     assert set(first) == {str(n) for n in survivors | {victim}}
     assert first[str(victim)]["outcome"] == "lost" and "Node Unavailable" in first[str(victim)]["reason"]
+    assert first[str(victim)]["name"] == "victim"  # the name fleet gave it, known from its statistics answer
     assert rounds[1]["train"]["accepted-updates"] == 2
     # round 2 runs with the survivors alone
     assert {int(n) for n in second} == survivors and all(c["accepted"] for c in second.values())
     assert (run / "checkpoints" / "round_2").is_dir()
     log = (run / "server.log").read_text()
-    assert f"round 1: node {victim} lost, the round goes on without it" in log
+    assert f"round 1: {node_label(victim, 'victim')} lost, the round goes on without it" in log
     assert "round 1: server eval loss" in log and "2/3 updates accepted, 1 lost" in log

@@ -1,8 +1,8 @@
 """Real LeRobot v3 datasets and a tiny SmolVLM directory on disk, shared by the learning tests.
 
-`make_dataset` writes a small SO-101-shaped dataset whose camera images are a function of the arm state, so
-a policy can learn something from it. It stands in for `zk0 record --sim` output until that exists; the
-fixtures only depend on its signature.
+`make_dataset` writes a small SO-101-shaped dataset of one task (random starts, one goal) whose camera images
+are a function of the arm state, so a policy can learn something from it that holds on held-out episodes. It
+stands in for `zk0 record --sim` output until that exists; the fixtures only depend on its signature.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
 TASK = "pick the red cube and place it in the bin"
+TASK_GOAL = np.array([15.0, -25.0, 30.0, 10.0, 0.0, 20.0])  # joints (deg) and gripper (0..100) at the bin
 
 
 def _features(height: int, width: int) -> dict:
@@ -60,9 +61,11 @@ def make_dataset(
     )
     t = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None]
     for _ in range(episodes):
+        # One task, as in a real dataset: random starts, all reaching (nearly) the same goal, so what a policy
+        # learns from some episodes carries over to the others.
         start = rng.uniform(-40, 40, size=6).astype(np.float32)
-        goal = rng.uniform(-40, 40, size=6).astype(np.float32)
-        start[5], goal[5] = rng.uniform(0, 100), rng.uniform(0, 100)
+        goal = (TASK_GOAL + rng.uniform(-3, 3, size=6)).astype(np.float32)
+        start[5] = rng.uniform(0, 100)
         states = start + (goal - start) * (3 * t**2 - 2 * t**3)
         actions = np.vstack([states[1:], states[-1:]])
         for i in range(frames):
@@ -99,12 +102,13 @@ def tiny_setup(dataset_root):
     """A fresh tiny SmolVLA on dataset_root with its train / held-out episode data (one per test module)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    from zk0.learn.data import EpisodeData, FrameCache, policy_image_size, split_episodes
-    from zk0.learn.policy import PolicySpec, make_policy_bundle
+    from zk0.learn.data import EpisodeData, FrameCache, dataset_stable_id, policy_image_size, split_episodes
+    from zk0.learn.policy import PolicySpec, seeded_policy_bundle
 
     meta = LeRobotDatasetMetadata("local/zk0_test", root=dataset_root)
-    bundle = make_policy_bundle(PolicySpec(model="tiny", chunk_size=10, n_action_steps=10), meta)
+    # seeded: the same initial weights whichever tests ran before
+    bundle = seeded_policy_bundle(PolicySpec(model="tiny", chunk_size=10, n_action_steps=10), meta, seed=0)
     data = EpisodeData(dataset_root, bundle.policy.config.chunk_size, policy_image_size(bundle.policy.config),
                        FrameCache())
-    train_eps, eval_eps = split_episodes(meta.total_episodes, 0.25, seed=0)
+    train_eps, eval_eps = split_episodes(dataset_stable_id(dataset_root), meta.total_episodes, 0.25)
     return bundle, data.subset(train_eps), data.subset(eval_eps)

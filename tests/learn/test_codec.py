@@ -52,7 +52,9 @@ def test_every_codec_round_trips_within_its_stated_bound(codec):
         if codec == "fp32":
             assert torch.equal(got, sent)
         elif codec == "bf16":
+            rounding = 4 * torch.finfo(torch.float32).eps * (sent.abs() + base[key].abs())
             assert (err <= sent.abs() * 2**-8).all()
+            assert (err <= (sent - base[key]).abs() * 2**-8 + rounding).all()
         else:
             delta = (sent - base[key]).reshape(-1) if codec == "int8-delta" or sent.dim() < 2 else None
             rows = delta[None] if delta is not None else (sent - base[key]).reshape(sent.shape[0], -1)
@@ -60,6 +62,34 @@ def test_every_codec_round_trips_within_its_stated_bound(codec):
             bound = scale[:, None] / 2 + 4 * torch.finfo(torch.float32).eps * (
                 sent.abs().reshape(rows.shape) + base[key].abs().reshape(rows.shape))
             assert (err.reshape(rows.shape) <= bound).all()
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8-delta", "int8-delta-row"])
+def test_a_small_update_to_larger_weights_survives(codec):
+    """bfloat16 of a weight near 0.03 moves in steps of ~1.2e-4: a 1e-5 step survives only as a delta."""
+    gen = torch.Generator().manual_seed(5)
+    base = {"w": 0.03 + 0.001 * torch.randn(64, 32, generator=gen)}
+    step = 1e-5 * torch.ones(64, 32)
+    decoded = decode(encode({"w": base["w"] + step}, codec, base), base)
+    torch.testing.assert_close(decoded["w"] - base["w"], step, rtol=0.01, atol=0)
+
+
+def test_every_delta_codec_refuses_to_encode_without_the_global():
+    _, update = _global_and_update()
+    for codec in ("bf16", "int8-delta", "int8-delta-row"):
+        with pytest.raises(ValueError, match="needs the round's global"):
+            encode(update, codec)
+
+
+def test_a_payload_of_another_format_version_is_refused():
+    import hashlib
+
+    base, update = _global_and_update()
+    payload = bytearray(encode(update, "bf16", base))
+    payload[4] = 1  # version 1 sent bf16 of the weights, not of the delta
+    payload[-32:] = hashlib.sha256(payload[:-32]).digest()
+    with pytest.raises(PayloadCorrupt, match="version 1"):
+        decode(bytes(payload), base)
 
 
 def test_decode_returns_new_tensors_and_leaves_the_global_alone():
@@ -93,7 +123,7 @@ def test_a_flipped_byte_anywhere_is_rejected(codec):
 
 def test_a_flipped_body_byte_is_a_checksum_mismatch():
     base, update = _global_and_update()
-    damaged = bytearray(encode(update, "bf16"))
+    damaged = bytearray(encode(update, "bf16", base))
     damaged[len(damaged) // 2] ^= 0x80
     with pytest.raises(ChecksumMismatch, match="SHA-256"):
         decode(bytes(damaged), base)
@@ -117,10 +147,10 @@ def test_nan_is_refused_by_sender_and_receiver(codec):
     base, update = _global_and_update()
     update["action_out_proj.weight"][0, 0] = float("nan")
     with pytest.raises(NonFinite, match="action_out_proj.weight"):
-        encode(update, codec)
+        encode(update, codec, base)
     # A sender that skips the check: the receiver still refuses the intact, correctly hashed payload.
     clean = {k: v.nan_to_num(0.0) for k, v in update.items()}
-    payload = bytearray(encode(clean, codec))
+    payload = bytearray(encode(clean, codec, base))
     key_order = sorted(clean)
     offset = len(payload) - 32 - sum(CODECS[codec].body_size(tuple(clean[k].shape)) for k in key_order)
     for key in key_order:

@@ -1,17 +1,10 @@
 import numpy as np
 import torch
 
-from zk0.learn.data import FrameCache, dataset_fingerprint, split_episodes
+from zk0.learn.data import FrameCache, dataset_fingerprint
 from zk0.learn.evaluate import evaluate_loss
 from zk0.learn.policy import load_trainable_state, trainable_state
 from zk0.learn.trainer import LocalTrainer, TrainerConfig
-
-
-def test_split_is_seeded_disjoint_and_keeps_one_of_each():
-    train, held = split_episodes(10, 0.2, seed=3)
-    assert sorted(train + held) == list(range(10)) and len(held) == 2
-    assert (train, held) == split_episodes(10, 0.2, seed=3)
-    assert split_episodes(2, 0.01, 0)[1] and split_episodes(2, 0.99, 0)[0]
 
 
 def test_batches_match_lerobot_dataset_items(tiny_setup, dataset_root):

@@ -1,0 +1,36 @@
+"""`zk0 train --seed` fixes the whole run: initial weights, sample order, and so the trained weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from zk0.learn import train_cli
+
+
+def _train(dataset: Path, out: Path, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    args = parser.parse_args(["--dataset", str(dataset), "--steps", "3", "--out", str(out), "--model", "tiny",
+                              "--batch-size", "4", "--seed", str(seed), "--device", "cpu", "--lr", "1e-3"])
+    assert train_cli.run(args) == 0
+    return json.loads((out / "metrics.json").read_text()), load_file(out / "checkpoint" / "model.safetensors")
+
+
+def test_the_same_seed_gives_the_same_start_and_the_same_trained_weights(dataset_root, tmp_path):
+    torch.manual_seed(123)  # whatever state the process is in, the seed decides
+    first, first_weights = _train(dataset_root, tmp_path / "a", seed=0)
+    torch.rand(7)
+    second, second_weights = _train(dataset_root, tmp_path / "b", seed=0)
+    assert first["eval_before"] == second["eval_before"]
+    assert first["losses"] == second["losses"] and first["eval_after"] == second["eval_after"]
+    assert first_weights.keys() == second_weights.keys()
+    assert all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+    assert first["checkpoint_sha256"] == second["checkpoint_sha256"]
+
+    other, _ = _train(dataset_root, tmp_path / "c", seed=1)
+    assert other["eval_before"] != first["eval_before"]
