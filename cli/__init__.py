@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("zk0.agent.node", "run this host's Flower SuperNode"),
     "certs": ("zk0.server.certs", "generate the CA, SuperLink certificate and SuperNode keys"),
     "fleet": ("zk0.cli.fleet", "run a whole federation on this machine (SuperLink + one SuperNode per dataset)"),
+    "policy": ("zk0.agent.policy_cli", "this host's policy store: list, show, promote, rollback, prune, export"),
+    "rollout": ("zk0.agent.rollout_cli", "run a policy on the robot inside the safety envelope"),
+    "validate": ("zk0.agent.validate_cli", "compare a candidate policy with the active one on paired seeded episodes"),
     "demo": ("zk0.cli.demo", "the zk0 demo on simulated hardware"),
 }
 
