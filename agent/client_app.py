@@ -8,8 +8,9 @@
   revoked mid-training (an operator started recording) stops training between steps; the steps done
   so far go out as a partial update (FedProx tolerates partial work, the server weighs it by its
   examples), or the round is declined if not one step was done;
-- evaluate: check the aggregated model's digest, evaluate it on the local held-out split, and save
-  it as a lerobot checkpoint in the host's policy store (`<policy-store>/round_<N>`).
+- evaluate: check the aggregated model's digest, evaluate it on the local held-out split, and deliver it
+  to the host's policy store (zk0.agent.policy_store) as version `run<Flower run id>-round<N>`, with that
+  held-out loss as its node metrics; the store's first version becomes active, later ones wait for promotion.
 
 Every reply's INFO_RECORD names the node (`node-name`) and, except a declined round's, its data (`dataset-id`,
 a digest of the datasets' stable ids).
@@ -258,21 +259,20 @@ def train_round(msg: Message, context: Context, should_stop: Callable[[], bool])
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from zk0.learn.checkpoint import CheckpointMeta, save_checkpoint
+    from zk0.agent.policy_store import PolicyStore
     from zk0.learn.evaluate import EvalConfig, evaluate_datasets
     from zk0.learn.policy import load_trainable_state
 
     node = session(context, msg.content)
     config = msg.content.config_records["config"]
     load_trainable_state(node.bundle.policy, checked_global(msg.content))
-    server_round = int(config["server-round"])
-    store = Path(str(context.node_config.get("policy-store", "policies")))
-    save_checkpoint(store / f"round_{server_round}", node.bundle,
-                    CheckpointMeta(run="federation", round=server_round,
-                                   extra={GLOBAL_SHA256: str(config[GLOBAL_SHA256])}), stats=node.stats)
     metrics: dict[str, float] = {"num-examples": 0}
     if node.held_out:
         cfg = EvalConfig(seed=int(config["seed"]) + 1234)
         losses = evaluate_datasets(node.bundle.policy, node.bundle.preprocessor, node.held_out, cfg)
         metrics = {"loss": losses["composite"], "num-examples": sum(len(d.frame_index()) for d in node.held_out.values())}
+    # the message does not carry the server's own evaluation: the daemon records it later (set_server_metrics)
+    store = PolicyStore(Path(str(context.node_config.get("policy-store", "policies"))))
+    store.add_from_bundle(node.bundle, run=f"run{context.run_id}", round=int(config["server-round"]), stats=node.stats,
+                          server_metrics={}, global_sha256=str(config[GLOBAL_SHA256]), node_metrics=metrics)
     return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics), INFO_RECORD: node_info(context)}), reply_to=msg)

@@ -1,13 +1,16 @@
 """The agent's YAML configuration, parsed into dataclasses with one-line validation errors.
 
-A config names the host, the arm pair (follower + leader), the cameras, where datasets live and, on a
-host that joins a federation, its SuperNode settings (`federation:`, read by `zk0 node`).
+A config names the host, the arm pair (follower + leader), the cameras, where datasets live, the safety
+envelope every follower target passes (`safety:`, zk0.hw.config.SafetySettings), how a policy is rolled
+out (`rollout:`) and validated (`validation:`) and, on a host that joins a federation, its SuperNode
+settings (`federation:`, read by `zk0 node`).
 Every mistake a user can make in the file (unknown key, wrong type, missing device) is reported as
 one `ConfigError` line that names the offending key, before anything is opened or written.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from zk0.agent.control import DEFAULT_CONTROL_ADDRESS
-from zk0.hw.config import ArmConfig, CameraConfig
+from zk0.hw.config import ArmConfig, CameraConfig, SafetySettings
 from zk0.common.typed_yaml import ConfigError, build
 
 DEFAULT_DATASETS_ROOT = Path("/var/lib/zk0/datasets")
@@ -51,10 +54,45 @@ class RecordSettings:
 
 
 @dataclass(frozen=True)
-class SafetySettings:
-    """Per-tick limit on how far a joint target may move from the present position (normalized units)."""
+class RolloutSettings:
+    """How a policy drives the follower (zk0 rollout): what happens when actions stop coming, or on an estop."""
 
-    max_relative_target: float | None = 20.0
+    watchdog_hold_s: float = 0.2  # no fresh action within this: hold position
+    watchdog_torque_off_s: float = 1.0  # still none after this: torque off
+    estop_hold_s: float = 0.5  # after an estop: hold this long, then torque off
+    inference: Literal["sync", "rtc"] = "sync"  # one action chunk at a time, or real-time chunking
+
+    def __post_init__(self) -> None:
+        for name in ("watchdog_hold_s", "watchdog_torque_off_s", "estop_hold_s"):
+            _require_positive(self, name)
+        if self.watchdog_hold_s >= self.watchdog_torque_off_s:
+            raise ValueError(f"watchdog_hold_s: must be below watchdog_torque_off_s ({self.watchdog_torque_off_s}), "
+                             f"got {self.watchdog_hold_s}")
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """How a candidate policy is judged on this robot before it replaces the active one (zk0 validate)."""
+
+    episodes: int = 20  # per policy, on the same seeds
+    # A candidate is promoted only if its success rate is not below the active's by more than this.
+    promotion_margin: float = 0.05
+    max_episode_s: float = 20.0  # an episode not done by then is a failure
+    tasks: list[str] = field(default_factory=list)  # empty: the policy's training tasks
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "episodes")
+        _require_positive(self, "max_episode_s")
+        if not 0 <= self.promotion_margin < 1:
+            raise ValueError(f"promotion_margin: must be in [0, 1), got {self.promotion_margin}")
+        if any(not task.strip() for task in self.tasks):
+            raise ValueError("tasks: task instructions must not be empty")
+
+
+def _require_positive(settings: object, name: str) -> None:
+    value = getattr(settings, name)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be positive, got {value}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +127,8 @@ class AgentConfig:
     datasets_root: Path = DEFAULT_DATASETS_ROOT
     record: RecordSettings = field(default_factory=RecordSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     # ZeroMQ address of this host's control API (zk0ctl); ipc:// paths need a writable directory.
     control_address: str = DEFAULT_CONTROL_ADDRESS
     # This host's SuperNode settings (`zk0 node`); None: the host does not join a federation.
@@ -153,6 +193,3 @@ def _check_values(config: AgentConfig, source: str) -> None:
         raise ConfigError(f"{source}: record.realtime_priority: must be 1..99 or null, got {record.realtime_priority}")
     if record.encoder_buffer_s <= 0:
         raise ConfigError(f"{source}: record.encoder_buffer_s: must be positive, got {record.encoder_buffer_s}")
-    limit = config.safety.max_relative_target
-    if limit is not None and limit <= 0:
-        raise ConfigError(f"{source}: safety.max_relative_target: must be positive or null, got {limit}")

@@ -3,6 +3,7 @@
   zk0ctl status                 what the agent is doing
   zk0ctl save|discard|rerecord  end the episode being recorded that way
   zk0ctl stop                   save the current episode and end the session
+  zk0ctl estop                  emergency stop of a rollout: hold the arm now, torque off after the hold
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 from zk0.agent.control import DEFAULT_CONTROL_ADDRESS, request
 
-COMMANDS = ("status", "save", "discard", "rerecord", "stop")
+COMMANDS = ("status", "save", "discard", "rerecord", "stop", "estop")
 
 
 def main(argv: list[str] | None = None) -> int:

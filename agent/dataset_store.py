@@ -79,6 +79,8 @@ class EpisodeMeta:
     success: bool | None = None
     failed_ticks: int = 0  # ticks dropped because the hardware did not answer (no frame for them)
     jitter_p50_ms: float = 0.0
+    policy: str | None = None  # rollout episodes: the policy version that drove the arm
+    interventions: int | None = None  # rollout episodes: frames whose target was not the policy's own
 
 
 @dataclass

@@ -1,7 +1,10 @@
-"""The record loop: leader -> safety clamp -> follower at a fixed rate, every frame into the dataset store.
+"""The record loop: leader -> safety envelope -> follower at a fixed rate, every frame into the dataset store.
 
-One tick: read the follower (joints + every camera), read the leader, clamp the leader's target
-(`zk0.hw.safety`), send it, and add the frame holding the observation and the action actually sent.
+One tick: read the follower (joints + every camera), read the leader, pass the leader's target through the
+safety envelope (`zk0.hw.safety`), send it, and add the frame holding the observation and the action
+actually sent. The envelope forgets its last target at each episode start (the scene was reset); each
+saved episode's metadata counts the frames whose action was not the leader's own (`interventions`), and
+`SessionSummary.interventions` counts each kind of intervention.
 Frames carry their capture time (`capture_time_s`, seconds since the episode's first frame) next to
 lerobot's nominal `timestamp = frame_index / fps`, which video decoding relies on; ticks that miss
 their deadline are counted, and an episode whose achieved rate falls below the configured fraction
@@ -34,7 +37,7 @@ from lerobot.utils.robot_utils import precise_sleep
 
 from zk0.agent.dataset_store import EpisodeMeta, EpisodeRejected, fault_point, free_disk_mb
 from zk0.hw.realtime import polling, realtime, shorten_gil_slices
-from zk0.hw.safety import JointLimits, clamp_target
+from zk0.hw.safety import SafetyEnvelope
 
 CAPTURE_TIME = "capture_time_s"
 # What a lost status packet, a bus timeout or a stale camera frame raises in lerobot: a tick that hits
@@ -188,7 +191,6 @@ class RecordPlan:
     reset_time_s: float
     min_rate_fraction: float
     min_free_disk_mb: float
-    max_relative_target: float | None
     calibration_hash: str
     max_failed_ticks_in_row: int = 15
     realtime_priority: int | None = None  # SCHED_FIFO priority of the loop while it runs; None: normal
@@ -201,6 +203,7 @@ class HardwareLost(ConnectionError):
 @dataclass
 class SessionSummary:
     saved: list[EpisodeMeta] = field(default_factory=list)
+    interventions: list[dict[str, int]] = field(default_factory=list)  # the envelope's counts, per saved episode
     discarded: int = 0
     rerecorded: int = 0
     stopped_for_disk: bool = False
@@ -214,7 +217,7 @@ class Recorder:
         robot: Robot,
         leader: Teleoperator,
         store: EpisodeStore,
-        limits: JointLimits,
+        envelope: SafetyEnvelope,
         plan: RecordPlan,
         events: OperatorEvents,
         environment: EpisodeEnvironment | None = None,
@@ -223,13 +226,14 @@ class Recorder:
         self.robot = robot
         self.leader = leader
         self.store = store
-        self.limits = limits
+        self.envelope = envelope
         self.plan = plan
         self.events = events
         self.environment = environment or RealWorld()
         self._progress = progress
-        self._joint_keys = [f"{name}.pos" for name in limits.names]
+        self._joint_keys = [f"{name}.pos" for name in envelope.spec.limits.names]
         self._features = store.features
+        self._intervened_frames = 0
 
     def record(self) -> SessionSummary:
         shorten_gil_slices()
@@ -240,6 +244,8 @@ class Recorder:
                 break
             index = self.store.num_episodes
             seed = self.environment.begin_episode(index)
+            self.envelope.reset()
+            self._intervened_frames = 0
             started_at = time.time()
             try:
                 ending, timing, low_disk = self._run_phase(self.plan.episode_time_s, record=True, episode_index=index)
@@ -261,6 +267,7 @@ class Recorder:
                     jitter_p99_ms=round(timing.jitter_p99_ms, 3), jitter_p50_ms=round(timing.jitter_p50_ms, 3),
                     slow=is_slow(timing.achieved_fps, self.plan.fps, self.plan.min_rate_fraction),
                     calibration_hash=self.plan.calibration_hash, seed=seed, success=success,
+                    interventions=self._intervened_frames,
                 )
                 try:
                     self.store.commit_episode(meta)
@@ -269,6 +276,7 @@ class Recorder:
                     summary.stopped_early = f"episode {index} was saved incomplete and rolled back: {error}"
                     break
                 summary.saved.append(meta)
+                summary.interventions.append(dict(self.envelope.counts))
             if summary.stopped_for_disk:
                 break
             more = len(summary.saved) < self.plan.episodes and not self.events.stop
@@ -334,10 +342,11 @@ class Recorder:
             target = self.leader.get_action()
             present = np.fromiter((observation[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
             wanted = np.fromiter((target[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
-            safe = clamp_target(wanted, present, self.limits, self.plan.max_relative_target)
-            sent = self.robot.send_action(dict(zip(self._joint_keys, safe.tolist(), strict=True)))
+            command = self.envelope(wanted, present)
+            sent = self.robot.send_action(dict(zip(self._joint_keys, command.target.tolist(), strict=True)))
         if not record:
             return
+        self._intervened_frames += bool(command.interventions)
         frame = build_dataset_frame(self._features, observation, prefix=OBS_STR)
         frame[ACTION] = np.fromiter((sent[k] for k in self._joint_keys), dtype=np.float32, count=len(self._joint_keys))
         frame[CAPTURE_TIME] = np.array([capture_time_s], dtype=np.float32)

@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="with --sim: seed of the first episode's scene")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--control", metavar="ADDRESS", help="control API address for zk0ctl (default from config)")
+    parser.add_argument("--write-calibration", action="store_true",
+                        help="write the calibration files into the motors when they disagree (default: refuse to start)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,6 +81,7 @@ def _record(config, args: argparse.Namespace) -> int:
         make_follower,
         make_leader,
     )
+    from zk0.hw.safety import SafetyEnvelope, envelope_spec
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     root = config.datasets_root
@@ -101,9 +104,9 @@ def _record(config, args: argparse.Namespace) -> int:
         stack.callback(store.close)
         if repair and repair.removed:
             print(f"zk0 record: repaired {root / args.dataset}: removed {len(repair.removed)} leftovers of an interrupted session", file=sys.stderr)
-        connect_without_prompt(leader)
+        connect_without_prompt(leader, write_calibration=args.write_calibration)
         stack.callback(disconnect_quietly, leader)
-        connect_without_prompt(robot)
+        connect_without_prompt(robot, write_calibration=args.write_calibration)
         stack.callback(disconnect_quietly, robot)
         events = OperatorEvents()
         events.install_signal_handlers()
@@ -112,7 +115,7 @@ def _record(config, args: argparse.Namespace) -> int:
             task=args.task, episodes=args.episodes, fps=config.record.fps,
             episode_time_s=config.record.episode_time_s, reset_time_s=config.record.reset_time_s,
             min_rate_fraction=config.record.min_rate_fraction, min_free_disk_mb=config.record.min_free_disk_mb,
-            max_relative_target=config.safety.max_relative_target, calibration_hash=calibration_hash((config.follower, config.leader)),
+            calibration_hash=calibration_hash((config.follower, config.leader)),
             max_failed_ticks_in_row=config.record.max_failed_ticks_in_row,
             realtime_priority=config.record.realtime_priority,
         )
@@ -123,7 +126,8 @@ def _record(config, args: argparse.Namespace) -> int:
                                        status.control_handler(events))
         if control is not None:
             stack.callback(control.close)
-        recorder = Recorder(robot, leader, store, follower_limits(robot), plan, events, environment, status)
+        envelope = SafetyEnvelope(envelope_spec(follower_limits(robot), config.safety, config.record.fps, config.robot_type))
+        recorder = Recorder(robot, leader, store, envelope, plan, events, environment, status)
         summary = recorder.record()
         if bars:
             bars.close()
@@ -135,8 +139,9 @@ def _record(config, args: argparse.Namespace) -> int:
         return 3 if summary.stopped_for_disk else 0
 
 
-def _start_sim(config, args, stack: ExitStack):
-    """Start the simulated rig and point the config at its ports, cameras and calibration files."""
+def _start_sim(config, args, stack: ExitStack, bus_trace: Path | None = None):
+    """Start the simulated rig and point the config at its ports, cameras and calibration files; `bus_trace`:
+    where the rig logs the servo writes it receives (zk0.hw.sim.bus_trace)."""
     import tempfile
 
     from zk0.agent.config import ConfigError
@@ -151,6 +156,7 @@ def _start_sim(config, args, stack: ExitStack):
     rig = RigHandle.start(
         robot=config.robot_type, cameras=tuple(c.name for c in config.cameras) or ("front", "wrist"),
         fps=config.record.fps, width=width, height=height, calibration_dir=calibration_dir, seed=args.seed,
+        bus_trace=bus_trace,
     )
     stack.callback(rig.close)
     cameras = [
@@ -272,13 +278,15 @@ class _ProgressBars:
 
 def _print_summary(summary, store, plan) -> None:
     print(f"dataset {store.root}: {store.num_episodes} episodes in total")
-    for meta in summary.saved:
+    for meta, interventions in zip(summary.saved, summary.interventions, strict=True):
         verdict = "" if meta.success is None else f" success={meta.success}"
         seed = "" if meta.seed is None else f" seed={meta.seed}"
         flag = " SLOW" if meta.slow else ""
         failed = f", {meta.failed_ticks} failed ticks" if meta.failed_ticks else ""
+        clipped = ", ".join(f"{name} {count}" for name, count in interventions.items() if count)
+        safety = f", safety interventions: {clipped}" if clipped else ""
         print(f"  episode {meta.episode_index}: {meta.length} frames at {meta.achieved_fps:.2f} fps, "
-              f"{meta.overruns} overruns{failed}, jitter p99 {meta.jitter_p99_ms:.2f} ms{seed}{verdict}{flag}")
+              f"{meta.overruns} overruns{failed}, jitter p99 {meta.jitter_p99_ms:.2f} ms{seed}{verdict}{flag}{safety}")
     ticks = sum(t.ticks for t in summary.timings)
     overruns = sum(t.overruns for t in summary.timings)
     failed = sum(t.failed for t in summary.timings)

@@ -1,20 +1,24 @@
 """lerobot follower, leader and cameras built from zk0's hardware description (real ports or the sim rig's).
 
-Arms connect with the calibration files the config names and never prompt: when the motors' EPROM
-disagrees with the file, the file is written to the motors, which is what pressing ENTER at lerobot's
-calibration prompt does.
+Arms connect with the calibration files the config names and never prompt. When the motors' EPROM
+disagrees with the file, connecting is refused (`CalibrationError` naming the first motor and field that
+differ): a file from another arm, or motors swapped or re-homed since, would make every joint reading and
+limit wrong. `write_calibration=True` writes the file into the motors instead, which is what pressing
+ENTER at lerobot's calibration prompt does; only do that for an arm whose file is known to be right.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lerobot.cameras import CameraConfig as LeRobotCameraConfig
 from lerobot.cameras.opencv import OpenCVCameraConfig
 from lerobot.cameras.zmq import ZMQCameraConfig
+from lerobot.motors import MotorCalibration
+from lerobot.motors.feetech import FeetechMotorsBus
 from lerobot.robots import Robot
 from lerobot.robots.so_follower import SOFollower, SOFollowerRobotConfig
 from lerobot.teleoperators import Teleoperator
@@ -27,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 class CalibrationError(RuntimeError):
-    """An arm has no usable calibration file; calibrate it with lerobot-calibrate first."""
+    """An arm has no calibration file, or its file disagrees with the motors."""
 
 
 def camera_config(camera: CameraConfig) -> LeRobotCameraConfig:
@@ -65,25 +69,81 @@ def make_leader(arm: ArmConfig, read_retries: int) -> Teleoperator:
 CONNECT_ATTEMPTS = 3
 
 
-def connect_without_prompt(device: Robot | Teleoperator, attempts: int = CONNECT_ATTEMPTS) -> None:
-    """Connect an arm using its calibration file; raise `CalibrationError` if there is none.
+def connect_without_prompt(
+    device: Robot | Teleoperator, attempts: int = CONNECT_ATTEMPTS, write_calibration: bool = False
+) -> None:
+    """Connect an arm using its calibration file; raise `CalibrationError` if there is none, or if the
+    motors disagree with it and `write_calibration` is false.
 
-    lerobot's handshake pings each motor once, so one status packet lost on a busy link fails the whole
-    connect (`Missing motor IDs`); the connect is retried from a closed port before giving up.
+    The calibration is compared on the bare bus before lerobot's connect, which configures the motors and
+    enables torque. lerobot's handshake pings each motor once, so one status packet lost on a busy link
+    fails the whole connect (`Missing motor IDs`); the connect is retried from a closed port before giving up.
     """
     if not device.calibration:
         raise CalibrationError(f"{device}: no calibration file {device.calibration_fpath}; run lerobot-calibrate first")
     for attempt in range(1, attempts + 1):
         try:
+            _settle_calibration(device, write_calibration)
             device.connect(calibrate=False)
-            if not device.is_calibrated:
-                device.bus.write_calibration(device.calibration)
             return
+        except CalibrationError:
+            raise
         except (ConnectionError, TimeoutError, RuntimeError) as error:
             _close_quietly(device)
             if attempt == attempts:
                 raise ConnectionError(f"{device}: could not connect after {attempts} attempts: {error}") from error
             logger.warning("%s: connect attempt %d failed (%s); retrying", device, attempt, str(error).splitlines()[0])
+
+
+def _settle_calibration(device: Robot | Teleoperator, write_calibration: bool) -> None:
+    """Open the bus, compare the motors' calibration with the file, write the file if allowed, close."""
+    bus = device.bus
+    bus.connect(handshake=False)  # lerobot's connect below pings every motor
+    try:
+        difference = calibration_difference(device.calibration, read_motor_calibration(bus))
+        if difference is None:
+            return
+        if not write_calibration:
+            raise CalibrationError(
+                f"{device}: calibration file {device.calibration_fpath} disagrees with the motors ({difference}); "
+                "check that this is the right arm and file, recalibrate with lerobot-calibrate, or write the "
+                "file into the motors (zk0 record --write-calibration)"
+            )
+        logger.warning("%s: writing %s into the motors (%s)", device, device.calibration_fpath, difference)
+        bus.disable_torque()  # EPROM writes need torque off and the lock open
+        bus.write_calibration(device.calibration)
+    finally:
+        bus.disconnect(disable_torque=False)
+
+
+# The fields lerobot's `FeetechMotorsBus.is_calibrated` compares, in the order a difference is reported,
+# and the registers holding them.
+CALIBRATION_REGISTERS = {"homing_offset": "Homing_Offset", "range_min": "Min_Position_Limit", "range_max": "Max_Position_Limit"}
+CALIBRATION_READ_RETRIES = 3
+
+
+def read_motor_calibration(bus: FeetechMotorsBus) -> dict[str, MotorCalibration]:
+    """The calibration the motors' EPROM holds, in three sync reads with retries (lerobot's
+    `read_calibration` reads every motor and field alone, and one lost reply fails it)."""
+    values = {field: bus.sync_read(register, normalize=False, num_retry=CALIBRATION_READ_RETRIES)
+              for field, register in CALIBRATION_REGISTERS.items()}
+    return {
+        motor: MotorCalibration(id=spec.id, drive_mode=0, **{field: int(values[field][motor]) for field in values})
+        for motor, spec in bus.motors.items()
+    }
+
+
+def calibration_difference(on_file: Mapping[str, MotorCalibration], on_motors: Mapping[str, MotorCalibration]) -> str | None:
+    """The first motor and field where the file and the motors disagree, in the motors' order; None if none."""
+    for motor, actual in on_motors.items():
+        expected = on_file.get(motor)
+        if expected is None:
+            return f"{motor}: not in the file"
+        for name in CALIBRATION_REGISTERS:
+            if getattr(expected, name) != getattr(actual, name):
+                return f"{motor}.{name}: {getattr(expected, name)} in the file, {getattr(actual, name)} on the motor"
+    extra = sorted(set(on_file) - set(on_motors))
+    return f"{extra[0]}: in the file but not on the bus" if extra else None
 
 
 def disconnect_quietly(device: Robot | Teleoperator) -> None:

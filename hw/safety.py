@@ -1,11 +1,25 @@
-"""The safety clamp applied to every joint target before it reaches the follower.
+"""The safety envelope: every joint target passes through it before it reaches a follower (rollout and
+teleoperation alike).
 
-Pure functions over joint vectors in lerobot's normalized units (SO-10x with `use_degrees=True`:
-degrees for joints 1-5, 0..100 for the gripper). Two limits, in this order:
-1. `max_relative_target`: a target may move at most this far from the present position in one tick
-   (the same rule as lerobot's `ensure_safe_goal_position`, vectorized; lerobot's version logs a warning
-   per clipped tick and reads the bus again, which a 30 Hz loop cannot afford);
-2. the calibrated joint range, so a target never leaves what the arm was calibrated to reach.
+Joint vectors are in lerobot's normalized units (SO-10x with `use_degrees=True`: degrees for joints 1-5,
+percent 0..100 for the gripper). `safe_command` is the pure decision; `SafetyEnvelope` remembers the last
+safe target and counts interventions. What a command guarantees:
+
+- Always: finite, inside the calibrated joint limits.
+- Not a hold: within `max_step` of the present position on every joint whose present position is within
+  `max_step` of its limits (farther out, the target is the nearest limit: the arm is brought back into
+  its range), and within `max_velocity / fps` of the last safe target wherever that does not contradict
+  the step bound. When the arm lags its last target by more than both bounds together (blocked, pushed
+  by hand), the step bound wins: the target moves toward where the arm is, which lowers the servo's pull
+  instead of raising it. Clipping order: velocity, step, limits.
+- With a workspace box: a target whose gripper tip (forward kinematics) leaves the box is held; an arm
+  already outside may move toward the box, never farther from it.
+- A hold (`held=True`): the target is the last safe target (zero commanded velocity), or, before there is
+  one, the present position clipped into the limits (the arm stays where it is). A hold is not bounded by
+  `max_step`: an arm pushed away from its last target is pulled back to it.
+- Non-finite present position and no last safe target: no target is safe (the arm's position is unknown),
+  so `PositionUnknown` (a `ConnectionError`) is raised and nothing must be sent; the servos keep their last
+  goal, which is the only true hold. Loops treat it like a failed bus read.
 """
 
 from __future__ import annotations
@@ -16,8 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 from lerobot.motors import MotorCalibration, MotorNormMode
 
+from zk0.hw import kinematics
+from zk0.hw.config import SafetySettings
+
 # STS3215 resolution: lerobot's DEGREES normalization maps ticks to degrees with (4096 - 1) ticks per turn.
 _STS3215_MAX_TICK = 4095
+GRIPPER = "gripper"
+INTERVENTIONS = ("non-finite", "joint-limit", "step", "velocity", "workspace")
 
 
 @dataclass(frozen=True)
@@ -56,11 +75,141 @@ def limits_from_calibration(
     )
 
 
-def clamp_target(
-    target: np.ndarray, present: np.ndarray, limits: JointLimits, max_relative_target: float | None
-) -> np.ndarray:
-    """The joint target that is safe to send, given where the arm is now."""
-    safe = np.asarray(target, dtype=np.float64)
-    if max_relative_target is not None:
-        safe = np.clip(safe, present - max_relative_target, present + max_relative_target)
-    return np.clip(safe, limits.lower, limits.upper)
+@dataclass(frozen=True)
+class WorkspaceBox:
+    """Where the gripper tip may go: a box in metres, world frame (x forward from the base, y robot-left,
+    z up from the table), checked with the forward kinematics of `robot` ("so100" or "so101")."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    robot: str = "so101"
+
+    def __post_init__(self) -> None:
+        lower, upper = np.asarray(self.lower, dtype=np.float64), np.asarray(self.upper, dtype=np.float64)
+        if lower.shape != (3,) or upper.shape != (3,) or not (np.isfinite(lower).all() and np.isfinite(upper).all()):
+            raise ValueError("workspace: lower and upper must be three finite numbers each")
+        if not (lower < upper).all():
+            raise ValueError(f"workspace: lower {lower.tolist()} must be below upper {upper.tolist()} on every axis")
+        kinematics.geometry_for(self.robot)  # an unknown robot fails here, not on the first tick
+
+    def distance_outside(self, joints: np.ndarray) -> float:
+        """How far (metres) the gripper tip of `joints` is outside the box; 0 inside."""
+        tip = kinematics.forward(joints, kinematics.geometry_for(self.robot)).tip
+        return float(np.linalg.norm(np.maximum(self.lower - tip, 0) + np.maximum(tip - self.upper, 0)))
+
+
+@dataclass(frozen=True)
+class EnvelopeSpec:
+    """The envelope's bounds, per joint in motor order (see `envelope_spec` to build one from the config)."""
+
+    limits: JointLimits
+    max_step: np.ndarray  # per joint, units per tick, bound on |target - present|
+    max_velocity: np.ndarray  # per joint, units per second, bound on |target - previous safe target| * fps
+    fps: float
+    workspace: WorkspaceBox | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.limits.names)
+        for name in ("max_step", "max_velocity"):
+            value = np.asarray(getattr(self, name))
+            if value.shape != (n,) or not (np.isfinite(value).all() and (value > 0).all()):
+                raise ValueError(f"{name}: expected {n} positive finite values, got {value.tolist()}")
+        if not (np.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"fps: must be positive, got {self.fps}")
+        if not (self.limits.lower <= self.limits.upper).all():
+            raise ValueError("limits: lower above upper")
+        if self.workspace is not None and self.limits.names != kinematics.JOINT_NAMES:
+            raise ValueError(f"workspace: needs the SO-10x joints {kinematics.JOINT_NAMES}, got {self.limits.names}")
+
+
+@dataclass(frozen=True)
+class SafeCommand:
+    """The target to send. `interventions` name what changed it (see `INTERVENTIONS`); `held` says it is
+    a hold (see the module docstring for what a hold guarantees)."""
+
+    target: np.ndarray
+    held: bool
+    interventions: tuple[str, ...]
+
+
+class PositionUnknown(ConnectionError):
+    """The present position is not finite and no safe target was sent before: send nothing."""
+
+
+def safe_command(target: np.ndarray, present: np.ndarray, last_safe: np.ndarray | None, spec: EnvelopeSpec) -> SafeCommand:
+    """The safe version of `target` given the arm's `present` position and the last safe target sent."""
+    target, present = _joints(target, spec, "target"), _joints(present, spec, "present")
+    if last_safe is not None:
+        last_safe = _joints(last_safe, spec, "last_safe")
+        if not np.isfinite(last_safe).all():
+            raise ValueError("last_safe: must be a target safe_command returned (finite)")
+    if not (np.isfinite(target).all() and np.isfinite(present).all()):
+        return _hold(present, last_safe, spec, ("non-finite",))
+    interventions = []
+    boxes = [("step", present - spec.max_step, present + spec.max_step), ("joint-limit", spec.limits.lower, spec.limits.upper)]
+    if last_safe is not None:
+        reach = spec.max_velocity / spec.fps
+        boxes.insert(0, ("velocity", last_safe - reach, last_safe + reach))
+    safe = target
+    for name, lower, upper in boxes:
+        clipped = np.clip(safe, lower, upper)
+        if not np.array_equal(clipped, safe):
+            interventions.append(name)
+        safe = clipped
+    if spec.workspace is not None and (outside := spec.workspace.distance_outside(safe)) > 0:
+        reference = last_safe if last_safe is not None else np.clip(present, spec.limits.lower, spec.limits.upper)
+        # Moving out of the box is held; an arm already outside may still move back toward it.
+        if outside > spec.workspace.distance_outside(reference):
+            return _hold(present, last_safe, spec, (*interventions, "workspace"))
+    return SafeCommand(safe, False, tuple(interventions))
+
+
+def _joints(values: np.ndarray, spec: EnvelopeSpec, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape != spec.limits.lower.shape:
+        raise ValueError(f"{name}: expected {len(spec.limits.names)} joint values, got shape {array.shape}")
+    return array
+
+
+def _hold(present: np.ndarray, last_safe: np.ndarray | None, spec: EnvelopeSpec, interventions: tuple[str, ...]) -> SafeCommand:
+    if last_safe is not None:
+        return SafeCommand(last_safe.copy(), True, interventions)
+    if not np.isfinite(present).all():
+        raise PositionUnknown(f"present position {present.tolist()} is not finite and no safe target was sent yet")
+    return SafeCommand(np.clip(present, spec.limits.lower, spec.limits.upper), True, interventions)
+
+
+class SafetyEnvelope:
+    """`safe_command` with memory: the last safe target, and how often each intervention fired (once per
+    tick at most). `reset()` when the arm was moved outside the loop (a new episode)."""
+
+    def __init__(self, spec: EnvelopeSpec) -> None:
+        self.spec = spec
+        self.last_safe: np.ndarray | None = None
+        self.counts: dict[str, int] = dict.fromkeys(INTERVENTIONS, 0)
+
+    def __call__(self, target: np.ndarray, present: np.ndarray) -> SafeCommand:
+        command = safe_command(target, present, self.last_safe, self.spec)
+        self.last_safe = command.target
+        for name in command.interventions:
+            self.counts[name] += 1
+        return command
+
+    def reset(self) -> None:
+        self.last_safe = None
+        self.counts = dict.fromkeys(INTERVENTIONS, 0)
+
+
+def envelope_spec(limits: JointLimits, settings: SafetySettings, fps: float, robot: str = "so101") -> EnvelopeSpec:
+    """The envelope for a follower with these calibrated `limits`, from the config's safety settings
+    (gripper bounds for the motor named "gripper", degree bounds for the others). `robot` ("so100" or
+    "so101", the config's robot_type) picks the kinematics the workspace box is checked with."""
+    gripper = np.array([name == GRIPPER for name in limits.names])
+    workspace = settings.workspace
+    return EnvelopeSpec(
+        limits=limits,
+        max_step=np.where(gripper, settings.max_gripper_step, settings.max_step_deg),
+        max_velocity=np.where(gripper, settings.max_gripper_velocity, settings.max_velocity_deg_s),
+        fps=float(fps),
+        workspace=None if workspace is None else WorkspaceBox(np.array(workspace.lower), np.array(workspace.upper), robot),
+    )

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,13 +76,43 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one step (tmp + fsync + rename + fsync of the folder): a crash leaves the
+    old content or the new, never a torn file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def write_dir_atomic(dest: Path, write: Callable[[Path], None]) -> None:
+    """Create the folder `dest` whole or not at all: `write(tmp)` fills a hidden sibling, which is fsynced and
+    renamed into place. For folders that never change once written (zk0.agent.policy_store's versions);
+    a crash leaves at most `.<name>.tmp-<pid>`, for the caller to clear."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _fsync_tree(tmp)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_path(dest.parent)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         _fsync_path(path)
     _fsync_path(root)
 
 
-def _copy_local_vlm(vlm_name: str, dest: Path) -> None:
+def copy_local_vlm(vlm_name: str, dest: Path) -> None:
+    """Copy the VLM directory `vlm_name` names (config + tokenizer, no weights) to `dest`; a hub id needs none."""
     source = Path(vlm_name)
     if not source.is_dir():
         return  # a hub id: resolvable wherever the checkpoint is loaded
@@ -137,22 +168,18 @@ def _publish(out: Path, version: Path) -> None:
     _remove_leftovers(out, keep=version)
 
 
-def save_checkpoint(out_dir: str | Path, bundle: PolicyBundle, meta: CheckpointMeta, stats=None) -> CheckpointMeta:
-    """Atomically write the checkpoint; returns its metadata with sha256 filled in. `stats`: SufficientStats."""
+def publish_checkpoint(out_dir: str | Path, write: Callable[[Path], CheckpointMeta]) -> CheckpointMeta:
+    """Atomically make `out_dir` a checkpoint that `write(version_dir)` fills in (everything but zk0.json).
+
+    `write` returns the metadata to record; sha256 and created are filled in here. Shared by `save_checkpoint`
+    and by zk0.agent.policy_store, which assembles checkpoints from stored files without building a policy.
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     version = out.parent / f".{out.name}.v{time.time_ns()}-{os.getpid()}"
     try:
-        bundle.policy.save_pretrained(version)
-        bundle.preprocessor.save_pretrained(version)
-        bundle.postprocessor.save_pretrained(version)
-        if stats is not None:
-            import numpy as np
-
-            np.savez(version / STATS_FILE, **stats.to_record())
-        _copy_local_vlm(bundle.policy.config.vlm_model_name, version / VLM_DIR)
-        meta = CheckpointMeta(**{**asdict(meta), "sha256": sha256_file(version / WEIGHTS_FILE),
-                                 "created": time.time(), "trainable": trainable_names(bundle.policy)})
+        meta = write(version)
+        meta = CheckpointMeta(**{**asdict(meta), "sha256": sha256_file(version / WEIGHTS_FILE), "created": time.time()})
         (version / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
         _fsync_tree(version)
     except BaseException:
@@ -160,6 +187,23 @@ def save_checkpoint(out_dir: str | Path, bundle: PolicyBundle, meta: CheckpointM
         raise
     _publish(out, version)
     return meta
+
+
+def save_checkpoint(out_dir: str | Path, bundle: PolicyBundle, meta: CheckpointMeta, stats=None) -> CheckpointMeta:
+    """Atomically write the checkpoint; returns its metadata with sha256 filled in. `stats`: SufficientStats."""
+
+    def write(version: Path) -> CheckpointMeta:
+        bundle.policy.save_pretrained(version)
+        bundle.preprocessor.save_pretrained(version)
+        bundle.postprocessor.save_pretrained(version)
+        if stats is not None:
+            import numpy as np
+
+            np.savez(version / STATS_FILE, **stats.to_record())
+        copy_local_vlm(bundle.policy.config.vlm_model_name, version / VLM_DIR)
+        return CheckpointMeta(**{**asdict(meta), "trainable": trainable_names(bundle.policy)})
+
+    return publish_checkpoint(out_dir, write)
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:

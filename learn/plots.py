@@ -1,9 +1,10 @@
-"""Line charts for zk0's reports (the server's run directory, training loss curves, ...): one small module.
+"""Charts for zk0's reports (the server's run directory, training loss curves, ...): one small module.
 
 Every chart is a PNG with labeled axes, a title and a legend naming each series. Integer x values (rounds,
 steps) are ticked at every value when there are few of them (at most `MAX_EXPLICIT_TICKS`) and at integer
 positions otherwise. A NaN y value is a gap: the line breaks there and isolated points still show as markers.
-Several panels may share one x axis (`panel_chart`), e.g. an LR and a mu panel in their own units. Files are
+Several panels may share one x axis (`panel_chart`), e.g. an LR and a mu panel in their own units; estimates
+with intervals per named group are points with error bars (`interval_chart`). Files are
 written atomically (a temporary name, then rename) and figures are closed once saved; the Figure is returned
 so that callers and tests can read what was drawn. Matplotlib runs on its Agg backend: no display needed.
 """
@@ -85,14 +86,18 @@ def panel_chart(path: Path, x: Sequence[float], panels: Sequence[Panel], *, titl
             else:
                 bottom.set_xticks(ticks)
         fig.suptitle(title)
-        fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-        fig.savefig(tmp, format="png", dpi=100)
-        tmp.replace(path)
+        _save(fig, path)
     finally:
         plt.close(fig)
     return fig
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
 
 
 def line_chart(path: Path, x: Sequence[float], series: Mapping[str, Sequence[float | None]], *, title: str,
@@ -100,3 +105,40 @@ def line_chart(path: Path, x: Sequence[float], series: Mapping[str, Sequence[flo
     """One panel of named series over `x`, saved as a PNG at `path`; returns the (closed) Figure."""
     return panel_chart(path, x, [Panel(series, ylabel, logy)], title=title, xlabel=xlabel, integer_x=integer_x)
 
+
+
+def interval_chart(path: Path, groups: Sequence[str], series: Mapping[str, Sequence[tuple[float | None, float, float]]],
+                   *, title: str, ylabel: str, ylim: tuple[float, float] = (0.0, 1.0),
+                   labels: Mapping[str, Sequence[str]] | None = None) -> Figure:
+    """Estimates with intervals, (value, low, high) per group and series: one point with error bars per
+    series, side by side within each named group (e.g. success rate per task and policy), optionally with a
+    text label beside each point (e.g. "7/10"). A None value is left out. `ylim` is padded a little so points
+    on its ends stay visible. Saved as a PNG at `path` (atomically); returns the (closed) Figure."""
+    if not series:
+        raise ValueError("a chart needs at least one series")
+    fig, ax = plt.subplots(figsize=(max(PANEL_SIZE[0], 1.6 * len(groups) + 2.0), PANEL_SIZE[1] + 1.2))
+    try:
+        positions = np.arange(len(groups), dtype=np.float64)
+        spread = 0.6 / len(series)
+        for index, (name, estimates) in enumerate(series.items()):
+            if len(estimates) != len(groups):
+                raise ValueError(f"series {name!r} has {len(estimates)} estimates for {len(groups)} groups")
+            values = as_values([e[0] for e in estimates])
+            low, high = as_values([e[1] for e in estimates]), as_values([e[2] for e in estimates])
+            x = positions + (index - (len(series) - 1) / 2) * spread
+            ax.errorbar(x, values, yerr=np.abs(np.vstack([values - low, high - values])), fmt="o",
+                        markersize=5, capsize=4, linewidth=1.6, label=name)
+            for xi, yi, text in zip(x, values, (labels or {}).get(name, ()), strict=False):
+                if np.isfinite(yi):
+                    ax.annotate(text, (xi, yi), xytext=(5, 3), textcoords="offset points", fontsize="small")
+        ax.set_xticks(positions, list(groups))
+        pad = 0.03 * (ylim[1] - ylim[0])
+        ax.set_ylim(ylim[0] - pad, ylim[1] + pad)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize="small", loc="best", framealpha=0.85)
+        fig.suptitle(title)
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+    return fig

@@ -2,7 +2,8 @@
 
 `zk0 sim arm --role follower --print-port` serves one calibrated arm on a pty and prints its device path
 as the first stdout line. `zk0 sim rig` runs the whole rig (see zk0.hw.sim.rig) and prints one JSON line
-describing its ports and addresses. Both serve until SIGTERM/SIGINT.
+describing its ports and addresses. Both serve until SIGTERM/SIGINT. `--bus-trace FILE` writes every
+Goal_Position and Torque_Enable write the simulated servos receive as JSON lines (see zk0.hw.sim.bus_trace).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import argparse
 import signal
 import sys
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 from zk0.hw.realtime import make_realtime
+from zk0.hw.sim.bus_trace import BusTrace
 from zk0.hw.sim.calibration import ROBOTS, ROLES, calibrated_arm_bus, write_calibration_file
 from zk0.hw.sim.pty_bus import SIM_BUS_PRIORITY, LinkConfig, PtyBusServer
 
@@ -43,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_link_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baudrate", type=int, default=1_000_000, help="wire speed the replies are paced at")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="servo turnaround before each reply")
+    parser.add_argument("--bus-trace", type=Path, metavar="FILE",
+                        help="write every Goal_Position and Torque_Enable write the servos receive (JSON lines)")
 
 
 def link_config(args: argparse.Namespace) -> LinkConfig:
@@ -61,7 +66,11 @@ def wait_for_termination() -> None:
 
 def _run_arm(args: argparse.Namespace) -> int:
     arm_id = args.id or f"sim_{args.role}"
-    with PtyBusServer(calibrated_arm_bus(args.role), link_config(args)) as server:
+    bus = calibrated_arm_bus(args.role)
+    with ExitStack() as stack:
+        if args.bus_trace is not None:
+            bus.write_observer = stack.enter_context(BusTrace(args.bus_trace)).observer(args.role)
+        server = stack.enter_context(PtyBusServer(bus, link_config(args)))
         # Real servos answer within microseconds whatever the host is doing: the simulator's threads are
         # real-time where allowed, or a starved simulator would miss lerobot's reply timeout.
         make_realtime(SIM_BUS_PRIORITY)

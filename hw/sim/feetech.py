@@ -16,6 +16,7 @@ import importlib.util
 import math
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -341,6 +342,8 @@ class FeetechBus:
         self.faults = FaultPlan()
         self.lock = threading.RLock()
         self._time: float | None = None
+        # Told (servo_id, address, data, via) of every write a servo applies, e.g. a `zk0.hw.sim.bus_trace.BusTrace`.
+        self.write_observer: Callable[[int, int, bytes, str], None] | None = None
 
     def advance(self, now: float) -> None:
         with self.lock:
@@ -401,6 +404,12 @@ class FeetechBus:
         # Ids are EPROM contents and can be rewritten (lerobot's setup_motor), so look them up live.
         return next((s for s in self.servos.values() if s.servo_id == servo_id), None)
 
+    def _write(self, servo: Servo, address: int, data: bytes, via: str) -> None:
+        servo_id = servo.servo_id  # before the write: it may rewrite the ID
+        servo.write(address, data)
+        if self.write_observer is not None:
+            self.write_observer(servo_id, address, bytes(data), via)
+
     def _acknowledge(self, servo: Servo, broadcast: bool) -> list[bytes]:
         if broadcast or servo.get("Response_Status_Level") == 0:
             return []
@@ -416,7 +425,7 @@ class FeetechBus:
         if code == INST_WRITE and params:
             replies: list[bytes] = []
             for servo in self._targets(ins.servo_id):
-                servo.write(params[0], params[1:])
+                self._write(servo, params[0], params[1:], "write")
                 replies += self._acknowledge(servo, broadcast)
             return replies
         if code == INST_REG_WRITE and params:
@@ -429,7 +438,7 @@ class FeetechBus:
             replies = []
             for servo in self._targets(ins.servo_id):
                 if servo.pending_write is not None:
-                    servo.write(*servo.pending_write)
+                    self._write(servo, *servo.pending_write, "action")
                     servo.pending_write = None
                 replies += self._acknowledge(servo, broadcast)
             return replies
@@ -442,6 +451,6 @@ class FeetechBus:
             for start in range(2, len(params) - length, length + 1):
                 servo = self._by_id(params[start])
                 if servo is not None:
-                    servo.write(address, params[start + 1 : start + 1 + length])
+                    self._write(servo, address, params[start + 1 : start + 1 + length], "sync_write")
             return []
         return []  # unknown or malformed instruction: a real servo stays silent

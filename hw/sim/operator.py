@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from zk0.hw.sim import kinematics
+from zk0.hw import kinematics
 from zk0.hw.sim.tasks import PUSH_SUCCESS_DISTANCE, Task, get_task
 from zk0.hw.sim.world import PUSH_TIP_RADIUS, World
 

@@ -14,7 +14,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from zk0.hw.sim import kinematics
+from zk0.hw import kinematics
 from zk0.hw.sim.tasks import COLORS
 from zk0.hw.sim.world import World
 

@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from zk0.hw.realtime import make_realtime
+from zk0.hw.sim.bus_trace import BusTrace
 from zk0.hw.sim.calibration import (
     ROBOTS,
     arm_calibration,
@@ -57,6 +58,7 @@ class RigConfig:
     fps: int = 30
     seed: int = 0
     link: LinkConfig = field(default_factory=LinkConfig)
+    bus_trace: Path | None = None  # JSON-lines trace of both arms' Goal_Position/Torque_Enable writes
 
     def __post_init__(self) -> None:
         if self.robot not in ROBOTS:
@@ -83,6 +85,10 @@ class Rig:
         self._stop = threading.Event()
         self._stepper = threading.Thread(target=self._step_loop, name="sim-world", daemon=True)
         self.reset(self.world.task.name, config.seed)
+        self._trace = None if config.bus_trace is None else BusTrace(config.bus_trace)
+        if self._trace is not None:
+            self.follower.write_observer = self._trace.observer("follower")
+            self.leader.write_observer = self._trace.observer("leader")
 
     def start(self) -> Rig:
         self.follower_server.start()
@@ -97,6 +103,8 @@ class Rig:
         self.cameras.stop()
         self.follower_server.stop()
         self.leader_server.stop()
+        if self._trace is not None:
+            self._trace.close()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -110,6 +118,7 @@ class Rig:
             "camera_port": self.cameras.port,
             "cameras": [asdict(c) for c in self.config.cameras],
             "fps": self.config.fps,
+            "bus_trace": None if self.config.bus_trace is None else str(Path(self.config.bus_trace).resolve()),
         }
 
     # -- simulation -------------------------------------------------------------------------------------
@@ -191,6 +200,7 @@ def serve_rig(args: argparse.Namespace) -> int:
     config = RigConfig(
         robot=args.robot, calibration_dir=args.calibration_dir, fps=args.fps, seed=args.seed,
         cameras=tuple(CameraSpec(name, args.width, args.height) for name in names), link=link_config(args),
+        bus_trace=args.bus_trace,
     )
     # Short GIL slices: a bus thread waiting to answer must not sit behind the world stepper for 5 ms.
     sys.setswitchinterval(0.0005)
@@ -261,12 +271,13 @@ class RigHandle:
     @classmethod
     def start(cls, robot: str = "so101", cameras: tuple[str, ...] = ("front", "wrist"), fps: int = 30,
               width: int = 320, height: int = 240, calibration_dir: Path | None = None, seed: int = 0,
-              baudrate: int = 1_000_000) -> RigHandle:
+              baudrate: int = 1_000_000, bus_trace: Path | None = None) -> RigHandle:
+        """Launch `zk0 sim rig`; `bus_trace` names a file for its bus trace (see zk0.hw.sim.bus_trace)."""
         calibration_dir = Path(calibration_dir or Path("outputs") / "sim_calibration")
         command = [sys.executable, "-m", "zk0.cli", "sim", "rig", "--robot", robot,
                    "--calibration-dir", str(calibration_dir), "--cameras", ",".join(cameras), "--fps", str(fps),
                    "--width", str(width), "--height", str(height), "--seed", str(seed), "--baudrate", str(baudrate),
-                   "--exit-with-stdin"]
+                   "--exit-with-stdin", *(["--bus-trace", str(bus_trace)] if bus_trace is not None else [])]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = process.stdout.readline()
         if not line:

@@ -2,7 +2,7 @@
 
 A task names the instruction stored in datasets, how its objects are placed from a seeded RNG, and a pure
 predicate on the scene. Hosts pick different task mixes, which is what makes the federation non-IID.
-Coordinates follow kinematics.py: metres, x forward from the robot base, y to the robot's left, z up,
+Coordinates follow zk0.hw.kinematics: metres, x forward from the robot base, y to the robot's left, z up,
 table at z=0. "Left"/"right" are the robot's left (+y) and right (-y).
 """
 

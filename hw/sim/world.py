@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from zk0.hw.sim import kinematics
-from zk0.hw.sim.kinematics import ArmGeometry, ArmPose
+from zk0.hw import kinematics
+from zk0.hw.kinematics import ArmGeometry, ArmPose
 from zk0.hw.sim.tasks import Cube, Scene, Task, get_task
 
 GRAVITY = 9.81

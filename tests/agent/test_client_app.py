@@ -121,4 +121,4 @@ def test_evaluate_reply_names_the_node(federation, tmp_path: Path, normal_schedu
                                                "policy-store": str(tmp_path / "policies")}))
     assert dict(reply.content["info"]) == {NODE_NAME: "kitchen", DATASET_ID: client_app.dataset_id([root])}
     assert reply.content.metric_records["metrics"]["num-examples"] > 0
-    assert (tmp_path / "policies" / "round_1").is_dir()
+    assert (tmp_path / "policies" / "versions" / "run1-round1").is_dir()  # see tests/agent/test_policy_store.py

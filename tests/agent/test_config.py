@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from zk0.agent.config import AgentConfig, ConfigError, FederationSettings, load_config, parse_config
+from zk0.agent.config import (
+    AgentConfig,
+    ConfigError,
+    FederationSettings,
+    RolloutSettings,
+    ValidationSettings,
+    load_config,
+    parse_config,
+)
+from zk0.hw.config import SafetySettings, WorkspaceSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,6 +73,20 @@ def test_valid_config_types() -> None:
     assert config.cameras[0].index_or_path == 0
 
 
+def test_safety_rollout_and_validation_defaults_and_values() -> None:
+    config = parse_config(VALID)
+    assert config.safety == SafetySettings(10.0, 10.0, 180.0, 200.0, None)
+    assert config.rollout == RolloutSettings(0.2, 1.0, 0.5, "sync")
+    assert config.validation == ValidationSettings(20, 0.05, 20.0, [])
+    raw = {**VALID, "safety": {"max_step_deg": 5, "workspace": {"lower": [0.05, -0.3, 0.0], "upper": [0.4, 0.3, 0.35]}},
+           "rollout": {"inference": "rtc", "watchdog_torque_off_s": 2}, "validation": {"tasks": ["pick the red cube"]}}
+    config = parse_config(raw)
+    assert config.safety.max_step_deg == 5.0 and isinstance(config.safety.max_step_deg, float)
+    assert config.safety.workspace == WorkspaceSettings([0.05, -0.3, 0.0], [0.4, 0.3, 0.35])
+    assert config.rollout.inference == "rtc" and config.rollout.watchdog_torque_off_s == 2.0
+    assert config.validation.tasks == ["pick the red cube"]
+
+
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
@@ -74,7 +97,23 @@ def test_valid_config_types() -> None:
         (("follower", "port"), KeyError, "follower.port: missing required key"),
         (("cameras",), [{"name": "a", "index_or_path": 0, "width": "wide"}], "cameras[0].width: expected int"),
         (("cameras",), [{"name": "a"}], "cameras[0].index_or_path: required"),
-        (("safety",), {"max_relative_target": -1}, "safety.max_relative_target: must be positive"),
+        (("safety",), {"max_relative_target": 20}, "safety.max_relative_target: unknown key"),
+        (("safety",), {"max_step_deg": -1}, "safety.max_step_deg: must be positive, got -1"),
+        (("safety",), {"max_gripper_velocity": 0}, "safety.max_gripper_velocity: must be positive, got 0"),
+        (("safety",), {"max_velocity_deg_s": ".nan"}, "safety.max_velocity_deg_s: expected float, got str"),
+        (("safety",), {"workspace": {"lower": [0, 0], "upper": [1, 1, 1]}},
+         "safety.workspace.lower: expected three finite numbers"),
+        (("safety",), {"workspace": {"lower": [0, 0, 0.5], "upper": [1, 1, 0.2]}},
+         "safety.workspace.lower: must be below upper on every axis"),
+        (("safety",), {"workspace": {"lower": [0, 0, 0]}}, "safety.workspace.upper: missing required key"),
+        (("rollout",), {"watchdog_hold_s": 0}, "rollout.watchdog_hold_s: must be positive, got 0"),
+        (("rollout",), {"watchdog_hold_s": 2.0}, "rollout.watchdog_hold_s: must be below watchdog_torque_off_s (1.0)"),
+        (("rollout",), {"estop_hold_s": -0.5}, "rollout.estop_hold_s: must be positive"),
+        (("rollout",), {"inference": "async"}, "rollout.inference: must be one of sync, rtc"),
+        (("validation",), {"episodes": 0}, "validation.episodes: must be positive, got 0"),
+        (("validation",), {"promotion_margin": 1.5}, "validation.promotion_margin: must be in [0, 1)"),
+        (("validation",), {"max_episode_s": 0}, "validation.max_episode_s: must be positive"),
+        (("validation",), {"tasks": ["pick", " "]}, "validation.tasks: task instructions must not be empty"),
         (("leader",), "COM3", "leader: expected a mapping"),
         (("federation",), {"superlink": "h:1", "datasets": ["a"], "insecure": "false"},
          "federation.insecure: expected bool, got str 'false'"),
@@ -126,3 +165,5 @@ def test_record_cli_parses_arguments() -> None:
     record_cli.add_arguments(parser)
     args = parser.parse_args(["--dataset", "d", "--task", "pick", "--episodes", "3", "--sim", "--episode-time-s", "4"])
     assert (args.dataset, args.episodes, args.sim, args.episode_time_s, args.reset_time_s) == ("d", 3, True, 4.0, None)
+    assert args.write_calibration is False
+    assert parser.parse_args(["--dataset", "d", "--task", "t", "--episodes", "1", "--write-calibration"]).write_calibration

@@ -1,7 +1,9 @@
-"""The record loop: timing math, the safety clamp, and `zk0 record` driving simulated arms on real ptys."""
+"""The record loop: timing math, and `zk0 record` driving simulated arms on real ptys through the safety envelope
+(the envelope itself: tests/hw/test_safety.py)."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -11,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lerobot.datasets import LeRobotDataset
-from lerobot.motors import MotorCalibration, MotorNormMode
 
 from zk0.agent.dataset_store import read_commit
-from zk0.agent.record import OperatorEvents, is_slow, tick_timing
-from zk0.hw.safety import clamp_target, limits_from_calibration
+from zk0.agent.record import CAPTURE_TIME, OperatorEvents, Recorder, RecordPlan, is_slow, tick_timing
+from tests.agent.conftest import FEATURES, FPS, JOINTS
 
 PERIOD = 1 / 30
 
@@ -46,19 +47,6 @@ def test_tick_timing_counts_failed_ticks_as_late() -> None:
     assert tick_timing(np.empty(0), np.empty(0), np.empty(0), PERIOD, failed=3).on_time_fraction == 0.0
 
 
-def test_clamp_relative_then_calibrated_range() -> None:
-    calibration = {
-        "elbow_flex": MotorCalibration(id=3, drive_mode=0, homing_offset=0, range_min=2047 - 1024, range_max=2047 + 1024),
-        "gripper": MotorCalibration(id=6, drive_mode=0, homing_offset=0, range_min=2000, range_max=3400),
-    }
-    limits = limits_from_calibration(calibration, {"elbow_flex": MotorNormMode.DEGREES, "gripper": MotorNormMode.RANGE_0_100})
-    assert limits.upper[0] == pytest.approx(1024 * 360 / 4095)  # 90.02 degrees
-    present = np.array([85.0, 50.0])
-    assert clamp_target(np.array([120.0, 52.0]), present, limits, 20.0).tolist() == pytest.approx([limits.upper[0], 52.0])
-    assert clamp_target(np.array([0.0, -30.0]), present, limits, 20.0).tolist() == [65.0, 30.0]
-    assert clamp_target(np.array([-200.0, 150.0]), present, limits, None).tolist() == pytest.approx([limits.lower[0], 100.0])
-
-
 def test_operator_commands_from_stream() -> None:
     events = OperatorEvents()
     read, write = os.pipe()
@@ -69,6 +57,71 @@ def test_operator_commands_from_stream() -> None:
     assert events.take_ending() == "rerecord" and events.take_ending() is None
     events.request("stop")
     assert events.stop and events.take_ending() == "save"
+
+
+class FollowingArm:
+    """A follower that reaches every target it is sent by the next tick (no bus, no cameras)."""
+
+    def __init__(self) -> None:
+        self.joints = dict.fromkeys(JOINTS, 0.0) | {"gripper.pos": 50.0}
+        self.sent: list[dict] = []
+
+    def get_observation(self) -> dict:
+        return dict(self.joints)
+
+    def send_action(self, action: dict) -> dict:
+        self.sent.append(action)
+        self.joints = dict(action)
+        return action
+
+
+class ScriptedLeader:
+    """The leader's targets, one per tick: a 30-degree jump on the elbow, then garbage."""
+
+    def __init__(self, elbow: list[float]) -> None:
+        self._elbow = iter(elbow)
+
+    def get_action(self) -> dict:
+        return dict.fromkeys(JOINTS, 0.0) | {"elbow_flex.pos": next(self._elbow, 30.0), "gripper.pos": 50.0}
+
+
+class ListStore:
+    """An episode store keeping frames in memory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.num_episodes, self.frames = root, 0, []
+        self.features = {key: FEATURES[key] for key in ("action", "observation.state", CAPTURE_TIME)}
+
+    def add_frame(self, frame: dict) -> None:
+        self.frames.append(frame)
+
+    def commit_episode(self, meta) -> None:
+        self.num_episodes += 1
+        self.committed = meta
+
+    def discard_episode(self) -> None:
+        self.frames.clear()
+
+
+def test_recorder_sends_and_records_what_the_envelope_allows(tmp_path: Path) -> None:
+    from zk0.hw.config import SafetySettings
+    from zk0.hw.safety import JointLimits, SafetyEnvelope, envelope_spec
+
+    names = tuple(key.removesuffix(".pos") for key in JOINTS)
+    limits = JointLimits(names, np.array([-100.0] * 5 + [0.0]), np.array([100.0] * 5 + [100.0]))
+    envelope = SafetyEnvelope(envelope_spec(limits, SafetySettings(), FPS))
+    arm, store = FollowingArm(), ListStore(tmp_path)
+    plan = RecordPlan(task="t", episodes=1, fps=FPS, episode_time_s=0.2, reset_time_s=0, min_rate_fraction=0.5,
+                      min_free_disk_mb=0, calibration_hash="cafe")
+    leader = ScriptedLeader([30.0, 30.0, math.nan, 30.0, math.inf, 30.0])
+    summary = Recorder(arm, leader, store, envelope, plan, OperatorEvents()).record()
+
+    elbow = [frame["action"][JOINTS.index("elbow_flex.pos")] for frame in store.frames]
+    # 10 (step bound, no previous target), 6 per tick at 180 deg/s, holds on NaN and inf
+    assert elbow == pytest.approx([10, 16, 16, 22, 22, 28][: len(elbow)]) and len(elbow) >= 5
+    assert [sent["elbow_flex.pos"] for sent in arm.sent] == pytest.approx(elbow)
+    assert summary.interventions[0]["non-finite"] == 2 and summary.interventions[0]["step"] == 1
+    assert store.committed.interventions == len(elbow)  # every frame's action was changed or held
 
 
 def _record(config: Path, *extra: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -105,6 +158,24 @@ def test_record_on_simulated_arms_and_resume(sim_arms_config: Path) -> None:
     assert np.all(np.diff(captured) > 0) and np.all(captured >= nominal - 1e-3) and captured[-1] < 1.0
     assert record.identity.host_id == "test-host" and len(record.identity.calibration_hash) == 64
     assert all(e.achieved_fps > 0 for e in record.episodes)
+
+
+@pytest.mark.slow
+def test_a_calibration_file_the_motors_disagree_with_is_refused(sim_arms_config: Path) -> None:
+    import json
+
+    path = sim_arms_config.parent / "calibration" / "sim_leader.json"
+    calibration = json.loads(path.read_text())
+    calibration["wrist_flex"]["homing_offset"] += 100
+    path.write_text(json.dumps(calibration))
+    refused = _record(sim_arms_config, "--episodes", "1")
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert "sim_leader" in line and "wrist_flex.homing_offset" in line and "--write-calibration" in line
+    assert read_commit(sim_arms_config.parent / "datasets" / "demo").episodes == []
+    written = _record(sim_arms_config, "--episodes", "1", "--write-calibration")
+    assert written.returncode == 0, written.stderr[-2000:]
+    assert "saved 1/1" in written.stdout
 
 
 @pytest.mark.slow

@@ -38,12 +38,13 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture
 def sim_arm(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Start simulated arms; each call returns the pty path. Calibration files land in tmp_path/calibration."""
+    """Start simulated arms; each call returns the pty path. Calibration files land in tmp_path/calibration;
+    `extra` arguments go to `zk0 sim arm` (e.g. "--bus-trace", path)."""
     processes: list[subprocess.Popen] = []
 
-    def start(role: str = "follower", robot: str = "so101", arm_id: str | None = None) -> str:
+    def start(role: str = "follower", robot: str = "so101", arm_id: str | None = None, *extra: str) -> str:
         args = ["arm", "--role", role, "--robot", robot, "--print-port",
-                "--calibration-dir", str(tmp_path / "calibration"), "--id", arm_id or f"sim_{role}"]
+                "--calibration-dir", str(tmp_path / "calibration"), "--id", arm_id or f"sim_{role}", *extra]
         process = spawn_sim(args)
         processes.append(process)
         port = process.stdout.readline().strip()
@@ -66,7 +67,7 @@ def connect_retrying(device, attempts: int = 3) -> None:
         try:
             device.connect()
             return
-        except (ConnectionError, RuntimeError):
+        except (ConnectionError, RuntimeError, IndexError):  # IndexError: the SDK parsing a late, short reply
             if bus.port_handler.is_open:
                 bus.port_handler.closePort()
             if attempt == attempts:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zk0.hw.sim import kinematics as k
+from zk0.hw import kinematics as k
 
 G = k.SO101
 

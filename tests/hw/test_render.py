@@ -66,7 +66,7 @@ def test_fixed_views_follow_the_objects_but_not_the_episode_clock(name):
 
 def test_wrist_view_sees_the_cube_it_hovers_over():
     """Over a cube with the gripper down, the cube's colour fills part of the middle of the wrist image."""
-    from zk0.hw.sim import kinematics
+    from zk0.hw import kinematics
     from zk0.hw.sim.operator import approach_pitch_for
 
     world = World("pick_place_blue", 5)

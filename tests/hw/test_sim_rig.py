@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from tests.hw.conftest import connect_retrying
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    with RigHandle.start(calibration_dir=tmp_path_factory.mktemp("calibration"), width=160, height=120) as handle:
+    trace = tmp_path_factory.mktemp("trace") / "bus.jsonl"
+    with RigHandle.start(calibration_dir=tmp_path_factory.mktemp("calibration"), width=160, height=120,
+                         bus_trace=trace) as handle:
         yield handle
 
 
@@ -71,6 +74,26 @@ def test_injected_faults_surface_as_lerobot_errors_then_clear(rig, follower):
     rig.inject_faults("follower", error_bits={2: ERRBIT_OVERHEAT})
     with pytest.raises(RuntimeError, match="Overheat"):
         follower.bus.read("Present_Temperature", "shoulder_lift")
+
+
+def test_bus_trace_names_the_arm(rig, follower, monkeypatch):
+    from tests.hw.test_bus_trace import read_trace
+
+    leader = make_teleoperator_from_config(rig.leader_config())
+    connect_retrying(leader)  # configuring a leader turns its torque off
+    leader.disconnect()
+    follower.send_action({"wrist_roll.pos": 10.0})
+    path = Path(rig.info["bus_trace"])
+
+    def wrist_goal_sent(lines: list[dict]) -> bool:
+        return any(line["arm"] == "follower" and line["id"] == 5 and line["register"] == "Goal_Position" for line in lines)
+
+    deadline, lines = time.monotonic() + 2.0, []
+    while time.monotonic() < deadline and not wrist_goal_sent(lines):
+        lines = read_trace(path, len(lines) + 1)
+    assert wrist_goal_sent(lines)
+    assert {(line["id"], line["register"], line["value"]) for line in lines if line["arm"] == "leader"} == {
+        (servo_id, "Torque_Enable", 0) for servo_id in range(1, 7)}
 
 
 def test_bad_requests_are_refused(rig):

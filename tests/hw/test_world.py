@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zk0.hw.sim import kinematics as k
+from zk0.hw import kinematics as k
 from zk0.hw.sim.operator import approach_pitch_for
 from zk0.hw.sim.tasks import CUBE_SIZE, MIN_CUBE_SEPARATION, TASKS, get_task
 from zk0.hw.sim.world import World

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zk0.learn.plots import Panel, as_values, integer_ticks, line_chart, panel_chart
+from zk0.learn.plots import Panel, as_values, integer_ticks, interval_chart, line_chart, panel_chart
 
 
 def _legend(ax) -> list[str]:
@@ -55,3 +55,22 @@ def test_as_values_turns_missing_into_gaps_and_lengths_must_match(tmp_path):
     with pytest.raises(ValueError, match="series 'a' has 2 values for 3 x values"):
         line_chart(tmp_path / "x.png", [1, 2, 3], {"a": [1.0, 2.0]}, title="t", xlabel="round", ylabel="loss")
     assert not plt.get_fignums()
+
+
+def test_interval_chart_draws_points_with_error_bars_per_group_and_series(tmp_path):
+    path = tmp_path / "success.png"
+    series = {"candidate v3": [(0.7, 0.4, 0.89), (None, 0.0, 1.0), (0.35, 0.18, 0.57)],
+              "active v2": [(0.5, 0.24, 0.76), (0.0, 0.0, 0.28), (0.25, 0.11, 0.47)]}
+    fig = interval_chart(path, ["pick", "push", "all"], series, title="validation", ylabel="success rate",
+                         labels={"candidate v3": ["7/10", "0/0", "7/20"], "active v2": ["5/10", "0/10", "5/20"]})
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 600
+    (ax,) = fig.axes
+    assert _legend(ax) == ["candidate v3", "active v2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["pick", "push", "all"]
+    assert ax.get_ylim()[0] < 0.0 and ax.get_ylim()[1] > 1.0  # points on 0 and 1 are not cut off
+    assert sorted(t.get_text() for t in ax.texts) == ["0/10", "5/10", "5/20", "7/10", "7/20"]  # None: no label
+    assert fig.get_suptitle() == "validation" and not plt.get_fignums()
+    with pytest.raises(ValueError, match="2 estimates for 3 groups"):
+        interval_chart(tmp_path / "x.png", ["a", "b", "c"], {"s": [(0.1, 0, 0.2)] * 2}, title="t", ylabel="y")
+    assert [p.name for p in tmp_path.iterdir()] == ["success.png"]

@@ -1,0 +1,85 @@
+"""The rollout's watchdog and emergency stop, as one pure transition function, and the estop trigger.
+
+Three modes, decided every tick from the time of the last fresh policy action and the estop request:
+
+- RUN: policy actions (inside the safety envelope) go to the arm.
+- HOLD: the arm is commanded to the position it had when holding began; nothing from the policy reaches it.
+- TORQUE_OFF: the motors are limp; the rollout ends. Absorbing: torque never comes back by itself, because an
+  arm that went limp may have sagged, and re-energising it towards an old target would jerk it.
+
+Watchdog: no fresh action for `hold_s` -> HOLD; a fresh action before `torque_off_s` resumes RUN (a slow
+inference is not a fault, and holding is harmless); none for `torque_off_s` (counted from the last action,
+not from the hold) -> TORQUE_OFF. Estop (`zk0ctl estop`, SIGINT, SIGTERM): HOLD at once and for good (latched:
+fresh actions are ignored), TORQUE_OFF `estop_hold_s` after the request. Holding first, rather than cutting
+torque at once, keeps a loaded arm from dropping onto whatever made the operator press stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Mode(str, Enum):
+    RUN = "run"
+    HOLD = "hold"
+    TORQUE_OFF = "torque_off"
+
+
+@dataclass(frozen=True)
+class GuardTimes:
+    """Seconds, from `RolloutSettings`: watchdog hold and torque-off bounds, estop hold."""
+
+    hold_s: float
+    torque_off_s: float
+    estop_hold_s: float
+
+
+@dataclass(frozen=True)
+class GuardState:
+    mode: Mode = Mode.RUN
+    reason: str | None = None  # why the arm is not under policy control (None in RUN)
+
+
+def guard_step(state: GuardState, now: float, last_action_at: float, estop_at: float | None,
+               times: GuardTimes) -> GuardState:
+    """The mode for this tick. `last_action_at`: when the freshest policy action arrived (the episode's
+    start before the first); `estop_at`: when an estop was requested, None if never."""
+    if state.mode is Mode.TORQUE_OFF:
+        return state
+    if estop_at is not None:
+        if now - estop_at >= times.estop_hold_s:
+            return GuardState(Mode.TORQUE_OFF, "estop")
+        return GuardState(Mode.HOLD, "estop")
+    silent = now - last_action_at
+    if silent >= times.torque_off_s:
+        return GuardState(Mode.TORQUE_OFF, f"watchdog: no action for {silent * 1e3:.0f} ms")
+    if silent >= times.hold_s:
+        return GuardState(Mode.HOLD, f"watchdog: no action for {silent * 1e3:.0f} ms")
+    return GuardState(Mode.RUN)
+
+
+class Estop:
+    """An emergency-stop request, from any thread or a signal handler: records when it was first asked for and
+    wakes the control loop if it is sleeping to its next deadline (so HOLD goes out at once, not a tick later)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.requested_at: float | None = None  # time.perf_counter() of the first request
+        self.source: str | None = None
+
+    def request(self, source: str) -> None:
+        if self.requested_at is None:
+            self.requested_at, self.source = time.perf_counter(), source
+        self._event.set()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if an estop is requested meanwhile (time.sleep once one has been)."""
+        if seconds <= 0:
+            return
+        if self._event.is_set():
+            time.sleep(seconds)
+        else:
+            self._event.wait(seconds)

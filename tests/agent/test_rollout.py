@@ -1,0 +1,144 @@
+"""The rollout loop against an in-memory arm: watchdog hold and torque off for a stalled policy, estop
+sequencing, non-finite actions held and flagged in the recorded frames, the control API's estop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from zk0.agent.control import Request
+from zk0.agent.rollout import EnvelopedRobot, Rollout, RolloutPlan
+from zk0.agent.rollout_engines import SyncSource
+from zk0.agent.rollout_guard import Estop, GuardTimes
+from zk0.hw.safety import EnvelopeSpec, JointLimits, SafetyEnvelope
+from tests.agent.conftest import FEATURES, JOINTS
+from tests.agent.test_rollout_engines import ScriptedEngine
+
+FPS = 30
+NAMES = tuple(j.removesuffix(".pos") for j in JOINTS)
+TIMES = GuardTimes(hold_s=0.2, torque_off_s=1.0, estop_hold_s=0.5)
+
+
+class MemoryArm:
+    """An ideal arm: the present position is the last goal. Logs (time, goal) and the torque-off time."""
+
+    robot_type = name = "memory_arm"
+    is_connected = True
+    observation_features = {**dict.fromkeys(JOINTS, float), "front": (48, 64, 3)}
+    action_features = dict.fromkeys(JOINTS, float)
+
+    def __init__(self) -> None:
+        self.position = np.zeros(6)
+        self.goals: list[tuple[float, np.ndarray]] = []
+        self.torque_off_at: float | None = None
+        self.bus = SimpleNamespace(disable_torque=lambda: setattr(self, "torque_off_at", time.perf_counter()))
+
+    def get_observation(self) -> dict:
+        return {**dict(zip(JOINTS, self.position.tolist())), "front": np.zeros((48, 64, 3), np.uint8)}
+
+    def send_action(self, action: dict) -> dict:
+        self.position = np.array([action[k] for k in JOINTS])
+        self.goals.append((time.perf_counter(), self.position.copy()))
+        return action
+
+
+class ConstantEngine(ScriptedEngine):
+    """Always the same action (NaN allowed)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self._value = value
+
+    def get_action(self, obs_frame: dict | None) -> torch.Tensor:
+        return torch.full((6,), self._value)
+
+
+class FrameList:
+    features = FEATURES
+    num_episodes = 0
+
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+        self.committed: list = []
+
+    def add_frame(self, frame: dict) -> None:
+        self.frames.append(frame)
+
+    def commit_episode(self, meta) -> None:
+        self.committed.append(meta)
+        self.num_episodes += 1
+
+    def discard_episode(self) -> None:
+        self.frames.clear()
+
+
+def rollout(engine, estop: Estop | None = None, store=None, seconds: float = 3.0) -> tuple[MemoryArm, Rollout]:
+    arm = MemoryArm()
+    limits = JointLimits(NAMES, np.full(6, -90.0), np.full(6, 90.0))
+    envelope = SafetyEnvelope(EnvelopeSpec(limits, np.full(6, 10.0), np.full(6, 180.0), FPS))
+    plan = RolloutPlan(task="t", episodes=1, fps=FPS, episode_time_s=seconds, reset_time_s=0.0, guard=TIMES,
+                       policy="v1@cafe", calibration_hash="cafe")
+    return arm, Rollout(EnvelopedRobot(arm, envelope), SyncSource(engine, FEATURES), plan, estop or Estop(), store=store)
+
+
+def test_a_stalled_policy_is_held_within_200_ms_and_cut_off_after_1_s() -> None:
+    arm, loop = rollout(ScriptedEngine(stall_at=10))  # 9 actions, then inference never returns
+    summary = loop.run()
+    assert summary.stopped.startswith("watchdog: no action for")
+    report = summary.episodes[0]
+    moving = [(t, g) for t, g in arm.goals if g[0] < 9]
+    held = [(t, g) for t, g in arm.goals if g[0] == 9 and t > moving[-1][0] + 0.05]
+    last_action = [t for t, g in arm.goals if g[0] == 9][0]
+    # The hold goes out on the first tick at or after 200 ms without an action, then every tick.
+    assert 0.2 <= held[0][0] - last_action <= 0.2 + 1.5 / FPS
+    assert 0.95 <= arm.torque_off_at - last_action <= 1.0 + 1.5 / FPS
+    assert all(t < arm.torque_off_at for t, _ in arm.goals)
+    assert report.held_ticks == len(held) and report.intervened_ticks >= len(held)
+
+
+def test_estop_holds_the_present_position_at_once_then_cuts_torque() -> None:
+    estop = Estop()
+    arm, loop = rollout(ScriptedEngine(), estop)
+    timer = threading.Timer(0.5, estop.request, args=("test",))
+    timer.start()
+    summary = loop.run()
+    assert summary.stopped == "estop"
+    after = [(t, g) for t, g in arm.goals if t >= estop.requested_at]
+    assert after[0][0] - estop.requested_at < 1 / FPS  # the sleeping loop woke for it
+    assert all(np.array_equal(g, after[0][1]) for _, g in after)  # held where it was
+    assert 0.5 <= arm.torque_off_at - estop.requested_at <= 0.5 + 1.5 / FPS
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e6])
+def test_bad_actions_never_leave_the_envelope_and_are_flagged(value: float) -> None:
+    store = FrameList()
+    arm, loop = rollout(ConstantEngine(value), store=store, seconds=1.0)
+    summary = loop.run()
+    assert summary.stopped is None
+    goals = np.array([g for _, g in arm.goals])
+    assert np.isfinite(goals).all() and (np.abs(goals) <= 90).all()
+    assert (np.abs(np.diff(goals, axis=0, prepend=0)) <= 10 + 1e-9).all()
+    report = summary.episodes[0]
+    if np.isnan(value):
+        assert report.interventions == {"non-finite": report.timing.ticks}
+    else:  # the first target is step-bound (no previous one), then velocity-bound up to the joint limit
+        assert {"step", "velocity", "joint-limit"} <= set(report.interventions)
+    assert all(f["intervention"].item() for f in store.frames[:3])  # flagged frames, DAgger-style
+    meta = store.committed[0]
+    assert meta.policy == "v1@cafe" and meta.length == len(store.frames) and meta.interventions > 0
+
+
+def test_control_api_estop_and_lease_refusal() -> None:
+    from zk0.agent.rollout_cli import RolloutStatus
+
+    estop = Estop()
+    handle = RolloutStatus("v1@cafe", SimpleNamespace(task="t")).control_handler(estop)
+    assert handle(Request("status"))["policy"] == "v1@cafe" and estop.requested_at is None
+    assert handle(Request("estop"))["accepted"] == "estop" and estop.source == "zk0ctl"
+    refusal = handle(Request("lease", SimpleNamespace(purpose="train", ttl_s=30, holder="n")))
+    assert refusal["granted"] is False and "rollout" in refusal["reason"]

@@ -1,0 +1,64 @@
+"""zk0.hw.sim.lockstep: the world advances one control tick per command, through the STS3215 motion model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zk0.hw.sim.feetech import MAX_SPEED_TICKS_S
+from zk0.hw.sim.lockstep import LockstepSim, follower_limits
+from zk0.hw.sim.rig import HOME_JOINTS
+
+DEG_PER_TICK = 360 / 4095
+
+
+def test_reset_starts_at_home_with_the_scene_of_the_seed_and_renders_the_asked_sizes():
+    sim = LockstepSim({"front": (64, 48), "wrist": (32, 24)}, fps=30)
+    sim.reset("pick_place_red", 7)
+    observation = sim.observe()
+    assert observation.t == 0.0 and sim.ticks == 0
+    assert observation.joints == pytest.approx(HOME_JOINTS, abs=DEG_PER_TICK)
+    assert {name: image.shape for name, image in observation.images.items()} == {"front": (48, 64, 3),
+                                                                                  "wrist": (24, 32, 3)}
+    red = sim.world.cubes["red"].position.copy()
+    sim.reset("pick_place_red", 8)
+    sim.reset("pick_place_red", 7)
+    assert sim.world.cubes["red"].position == pytest.approx(red)
+
+
+def test_a_goal_is_reached_through_the_servo_motion_model_not_at_once():
+    sim = LockstepSim({}, fps=30)
+    sim.reset("push_blue_left", 0)
+    goal = HOME_JOINTS + np.array([60.0, 0, 0, 0, 0, 0])
+    pans = []
+    for _ in range(30):
+        sim.step(goal)
+        pans.append(sim.present()[0])
+    per_tick = np.diff([0.0, *pans])
+    top_speed = MAX_SPEED_TICKS_S * DEG_PER_TICK / 30
+    assert per_tick[0] < 0.5 * top_speed  # it accelerates
+    assert per_tick.max() <= top_speed + 1e-6  # never faster than the servo
+    assert pans[-1] == pytest.approx(60.0, abs=DEG_PER_TICK)  # and arrives within a tick of resolution
+    assert sim.t == pytest.approx(1.0) and sim.world.time == pytest.approx(1.0)
+
+
+def test_same_commands_same_world_whatever_ran_before():
+    def run(sim: LockstepSim) -> list:
+        sim.reset("pick_place_blue", 3)
+        trajectory = []
+        for tick in range(40):
+            sim.step(np.array([20.0, 10.0, -10.0, 30.0, 0.0, 80.0 * (tick < 20)]))
+            trajectory.append(np.concatenate([sim.present(), sim.world.pose.tip]))
+        return trajectory
+
+    fresh, used = LockstepSim({}, 30), LockstepSim({}, 30)
+    used.reset("push_red_left", 99)
+    used.step(np.full(6, 40.0))
+    assert np.array_equal(run(fresh), run(used))
+
+
+def test_follower_limits_are_the_calibrated_ranges_in_normalized_units():
+    limits = follower_limits()
+    assert limits.names == ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
+    assert limits.upper[0] == pytest.approx(1300 * DEG_PER_TICK) and limits.lower[0] == -limits.upper[0]
+    assert (limits.lower[5], limits.upper[5]) == (0.0, 100.0)
