@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     from zk0.learn import stats as fedstats
     from zk0.learn.checkpoint import CheckpointMeta, save_checkpoint
-    from zk0.learn.data import ConcatData, policy_image_size, sized_frame_cache
+    from zk0.learn.data import ConcatData, policy_image_size
+    from zk0.learn.frame_cache import sized_frame_cache
     from zk0.learn.evaluate import evaluate_datasets
     from zk0.learn.federation import held_out_data
     from zk0.learn.policy import PolicySpec, seeded_policy_bundle
