@@ -47,7 +47,8 @@ from zk0.agent import lease
 from zk0.agent.node import DRILLS
 from zk0.learn import codec
 from zk0.learn import stats as fedstats
-from zk0.learn.data import ConcatData, FrameCache, dataset_stable_id, policy_image_size, sized_frame_cache
+from zk0.learn.data import ConcatData, dataset_stable_id, policy_image_size
+from zk0.learn.frame_cache import FrameCache, sized_frame_cache
 from zk0.learn.policy import PolicyBundle
 from zk0.learn.federation import (
     DATASET_ID, DECLINED, GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, NODE_NAME, PREEMPTED, STATS_RECORD,

@@ -32,7 +32,8 @@ def _zk0_child(args: argparse.Namespace) -> dict:
     import torch
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    from zk0.learn.data import EpisodeData, FrameCache, policy_image_size
+    from zk0.learn.data import EpisodeData, policy_image_size
+    from zk0.learn.frame_cache import FrameCache
     from zk0.learn.fedprox import proximal_term
     from zk0.learn.policy import PolicySpec, make_policy_bundle, trainable_parameters
     from zk0.learn.trainer import LocalTrainer, TrainerConfig

@@ -129,6 +129,7 @@ class FederatedLoss:
     def __init__(self, datasets: list[Path], rounds: int, local_steps: int, work: Path) -> None:
         self.datasets, self.rounds, self.local_steps, self.work = datasets, rounds, local_steps, work
         self.bytes_in_per_round: dict[str, float] = {}
+        self.initial_loss: dict[str, float] = {}  # round 0: the same model for every codec
 
     def __call__(self, codec: str) -> float:
         config = self.work / f"server-{codec}.yaml"
@@ -140,7 +141,9 @@ class FederatedLoss:
              "--model", "tiny", "--config", str(config))
         history = json.loads((run_dir / "federated_metrics.json").read_text())["rounds"]
         self.bytes_in_per_round[codec] = sum(r["bytes_in"] for r in history if r["round"] > 0) / self.rounds
-        print(f"{codec}: final server eval loss {history[-1]['server_eval']['loss']:.4f}", file=sys.stderr)
+        self.initial_loss[codec] = float(history[0]["server_eval"]["loss"])
+        print(f"{codec}: server eval loss {history[0]['server_eval']['loss']:.5f} (round 0) -> "
+              f"{history[-1]['server_eval']['loss']:.5f} (round {history[-1]['round']})", file=sys.stderr)
         return float(history[-1]["server_eval"]["loss"])
 
 
@@ -158,8 +161,15 @@ def main() -> int:
         datasets = args.dataset or _record_datasets(work / "datasets")
         loss = FederatedLoss(datasets, args.federated_rounds, args.local_steps, work)
         result = measure(loss)
-        result["federated"] = {"rounds": args.federated_rounds, "local_steps": args.local_steps,
-                               "nodes": len(datasets), "bytes_in_per_round": loss.bytes_in_per_round}
+        fp32_drop = loss.initial_loss["fp32"] - result["server_eval_loss"]["fp32"]
+        result["federated"] = {
+            "rounds": args.federated_rounds, "local_steps": args.local_steps, "nodes": len(datasets),
+            "bytes_in_per_round": loss.bytes_in_per_round, "round0_server_eval_loss": loss.initial_loss,
+            # how far each codec's final loss is from fp32's, relative to how much fp32 itself learned
+            "difference_over_fp32_improvement": {
+                c: (v - result["server_eval_loss"]["fp32"]) / fp32_drop if fp32_drop else None
+                for c, v in result["server_eval_loss"].items()},
+        }
     print(json.dumps(result))
     return 0
 

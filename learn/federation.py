@@ -19,7 +19,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from zk0.learn import stats as fedstats
-from zk0.learn.data import EpisodeData, FrameCache, dataset_stable_id, policy_image_size, split_episodes
+from zk0.learn.data import EpisodeData, dataset_stable_id, policy_image_size, split_episodes
+from zk0.learn.frame_cache import FrameCache
 from zk0.learn.policy import PolicyBundle, PolicySpec, seeded_policy_bundle
 
 UPDATE_RECORD = "update"  # reply key of the encoded update (an ArrayRecord from codec.to_array_record)

@@ -2,9 +2,10 @@
 
 Every chart is a PNG with labeled axes, a title and a legend naming each series. Integer x values (rounds,
 steps) are ticked at every value when there are few of them (at most `MAX_EXPLICIT_TICKS`) and at integer
-positions otherwise. A NaN y value is a gap: the line breaks there and isolated points still show as markers.
-Several panels may share one x axis (`panel_chart`), e.g. an LR and a mu panel in their own units; estimates
-with intervals per named group are points with error bars (`interval_chart`). Files are
+positions otherwise. A NaN y value is a gap: the line breaks there and isolated points still show as markers
+(series of up to `MAX_MARKED_POINTS` values are drawn with markers). Several panels may share one x axis
+(`panel_chart`), e.g. an LR and a mu panel in their own units; estimates with intervals per named group are
+points with error bars (`interval_chart`). Files are
 written atomically (a temporary name, then rename) and figures are closed once saved; the Figure is returned
 so that callers and tests can read what was drawn. Matplotlib runs on its Agg backend: no display needed.
 """
@@ -26,6 +27,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 MAX_EXPLICIT_TICKS = 30  # up to this many distinct integer x values, every one gets a tick
+MAX_MARKED_POINTS = 60  # longer series (training steps) are drawn as lines alone
 PANEL_SIZE = (8.0, 3.2)  # inches per panel (width, height); saved at 100 dpi
 
 
@@ -55,7 +57,8 @@ def _draw_panel(ax: plt.Axes, x: np.ndarray, panel: Panel) -> None:
         ys = as_values(values)
         if len(ys) != len(x):
             raise ValueError(f"series {name!r} has {len(ys)} values for {len(x)} x values")
-        ax.plot(x, ys, marker="o", markersize=3.5, linewidth=1.6, label=name)
+        ax.plot(x, ys, marker="o" if len(x) <= MAX_MARKED_POINTS else None, markersize=3.5, linewidth=1.6,
+                label=name)
     ax.set_ylabel(panel.ylabel)
     if panel.logy:
         ax.set_yscale("log")

@@ -13,6 +13,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,25 +42,19 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def plot_losses(losses: list[float], path: Path, width: int = 640, height: int = 360) -> None:
-    """Training-loss curve as a PNG, drawn with OpenCV (matplotlib is not a zk0 dependency)."""
-    import cv2
+def plot_losses(losses: list[float], path: Path) -> Figure:
+    """The training loss per step, with its moving average (the per-batch loss is noisy), as a PNG."""
     import numpy as np
 
-    image = np.full((height, width, 3), 255, np.uint8)
-    margin = 40
+    from zk0.learn.plots import line_chart
+
     values = np.asarray(losses, dtype=float)
-    lo, hi = float(values.min()), float(values.max())
-    span = hi - lo or 1.0
-    xs = margin + np.linspace(0, width - 2 * margin, len(values))
-    ys = height - margin - (values - lo) / span * (height - 2 * margin)
-    cv2.rectangle(image, (margin, margin), (width - margin, height - margin), (200, 200, 200), 1)
-    cv2.polylines(image, [np.stack([xs, ys], 1).round().astype(np.int32)], False, (180, 80, 20), 2)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(image, f"{hi:.3f}", (2, margin + 4), font, 0.4, (0, 0, 0), 1)
-    cv2.putText(image, f"{lo:.3f}", (2, height - margin), font, 0.4, (0, 0, 0), 1)
-    cv2.putText(image, f"training loss over {len(values)} steps", (margin, 25), font, 0.5, (0, 0, 0), 1)
-    cv2.imwrite(str(path), image)
+    window = max(1, min(50, len(values) // 10))
+    smoothed = np.convolve(values, np.ones(window) / window, mode="valid")
+    average = np.concatenate([np.full((window - 1) // 2, np.nan), smoothed, np.full(window // 2, np.nan)])  # centred
+    return line_chart(path, range(1, len(values) + 1), {"per step": values, f"moving average ({window} steps)": average},
+               title=f"zk0 train: training loss over {len(values)} steps", xlabel="step",
+               ylabel="flow-matching loss (MSE)")
 
 
 class _Progress:
@@ -79,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
     from zk0.learn import stats as fedstats
     from zk0.learn.checkpoint import CheckpointMeta, save_checkpoint
-    from zk0.learn.data import ConcatData, policy_image_size, sized_frame_cache
+    from zk0.learn.data import ConcatData, policy_image_size
+    from zk0.learn.frame_cache import sized_frame_cache
     from zk0.learn.evaluate import evaluate_datasets
     from zk0.learn.federation import held_out_data
     from zk0.learn.policy import PolicySpec, seeded_policy_bundle

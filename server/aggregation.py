@@ -56,8 +56,8 @@ def norm_rejections(distances: Sequence[float], multiple: float | None, max_norm
     """(the round's reference distance, a rejection reason or None per update) for the updates' L2 distances.
 
     The reference is the lower median of the distances (with two updates, the smaller: a huge update cannot
-    raise its own bound); a round with one update uses `previous_reference` (the previous round's median
-    accepted distance, scaled to this round's LR), or has none. No reference (or a zero one) or `multiple`
+    raise its own bound); a round with one update uses `previous_reference` (the previous rounds' median
+    accepted distance per unit of LR x step, times this update's LR x steps), or has none. No reference (or a zero one) or `multiple`
     None: no relative bound.
     """
     reference = lower_median(distances) if len(distances) >= 2 else previous_reference
@@ -72,6 +72,16 @@ def norm_rejections(distances: Sequence[float], multiple: float | None, max_norm
         else:
             reasons.append(None)
     return reference, reasons
+
+
+def update_steps(claimed: float | None, asked: int | None) -> float:
+    """Optimizer steps an update stands for, to scale a per-(LR x step) norm reference: what the node claims,
+    never more than the round asked for (so a node cannot widen its own bound); the round's ask when the
+    claim is missing or not a positive number; 1 when neither is known."""
+    valid = claimed is not None and math.isfinite(claimed) and claimed > 0
+    if asked is None:
+        return float(claimed) if valid else 1.0
+    return float(min(claimed, asked)) if valid else float(asked)
 
 
 def example_cap(train_config: Mapping[str, Any]) -> int | None:

@@ -9,7 +9,9 @@ finite values), its claimed example count must be a positive number, and its L2 
 global is bounded (`norm_rejections`): at most `validation.norm_bound_multiple` times the round's
 reference distance (the lower median of the round's decoded updates, so that with two nodes one huge
 update cannot raise its own bound; a round with one update uses the previous round's median accepted
-distance, scaled by the ratio of the two rounds' LRs since a warm restart or boost moves every update
+distance per unit of LR x optimizer step, times the lone update's LR x steps (capped at the round's
+local steps), since a warm restart or boost moves every update, and a node that trained more steps (a
+partial round before, a full one now) moves further
 that much) and, optionally, at most `validation.max_update_norm`. A refused update is dropped with its
 reason logged and recorded, and the round completes with the rest.
 
@@ -52,7 +54,7 @@ from zk0.learn.federation import (
 )
 from zk0.server.aggregation import (
     MIN_TRIMMED, UpdateRejected, aggregate_states, decode_update, example_cap, example_weight, lower_median,
-    norm_rejections, state_norm_distance,
+    norm_rejections, state_norm_distance, update_steps,
 )
 from zk0.server.config import ValidationConfig
 from zk0.server.schedule import RoundSchedule, ScheduleConfig, ScheduleState, client_mu, schedule_round
@@ -196,7 +198,7 @@ class FederationHistory:
     dataset_of_node: dict[int, str] = field(default_factory=dict)  # learned from every reply's INFO_RECORD
     node_names: dict[int, str] = field(default_factory=dict)
     # median accepted update distance of the last round with one, per unit of that round's LR
-    update_norm_per_lr: float | None = None
+    update_norm_per_lr_step: float | None = None
 
     def note_node(self, node_id: int, dataset_id: str, name: str) -> None:
         """Remember what a reply says about its node (empty values leave what is known)."""
@@ -210,18 +212,18 @@ class FederationHistory:
                 "client_loss_std": self.client_loss_std,
                 "dataset_of_node": {str(k): v for k, v in self.dataset_of_node.items()},
                 "node_names": {str(k): v for k, v in self.node_names.items()},
-                "update_norm_per_lr": self.update_norm_per_lr}
+                "update_norm_per_lr_step": self.update_norm_per_lr_step}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FederationHistory:
-        per_lr = data.get("update_norm_per_lr")
+        per_lr = data.get("update_norm_per_lr_step")
         return cls(
             eval_losses=[float(x) for x in data.get("eval_losses", [])],
             schedule_state=ScheduleState.from_json(data.get("schedule_state", {})),
             client_loss_std={str(k): float(v) for k, v in data.get("client_loss_std", {}).items()},
             dataset_of_node={int(k): str(v) for k, v in data.get("dataset_of_node", {}).items()},
             node_names={int(k): str(v) for k, v in data.get("node_names", {}).items()},
-            update_norm_per_lr=None if per_lr is None else float(per_lr),
+            update_norm_per_lr_step=None if per_lr is None else float(per_lr),
         )
 
 
@@ -364,8 +366,12 @@ class Zk0FedProx(FedProx):
             decoded.append((client, update, weight, note))
 
         lr = self.current.schedule.lr
+        asked = self.train_config.get("local-steps")
+        steps = {c.node_id: update_steps(c.metrics.get("steps"), None if asked is None else int(asked))
+                 for c, *_ in decoded}
         distances = [state_norm_distance(update, self._global) for _, update, _, _ in decoded]
-        previous = None if self.history.update_norm_per_lr is None else self.history.update_norm_per_lr * lr
+        per_lr_step = self.history.update_norm_per_lr_step
+        previous = None if per_lr_step is None or len(decoded) != 1 else per_lr_step * lr * steps[decoded[0][0].node_id]
         _, verdicts = norm_rejections(distances, self.validation.norm_bound_multiple, self.validation.max_update_norm,
                                       previous)
         accepted: list[tuple[ClientRound, dict[str, torch.Tensor], float, float]] = []
@@ -385,7 +391,8 @@ class Zk0FedProx(FedProx):
         if not accepted:
             log.warning("round %d: no acceptable update; the global model is unchanged", server_round)
             return None, None
-        self.history.update_norm_per_lr = lower_median([distance for *_, distance in accepted]) / lr
+        self.history.update_norm_per_lr_step = lower_median(
+            [distance / (lr * steps[client.node_id]) for client, *_, distance in accepted])
         if self.validation.aggregation == "trimmed-mean" and len(accepted) < MIN_TRIMMED:
             log.warning("round %d: %d accepted updates, too few to trim: plain mean", server_round, len(accepted))
         clients, updates, weights = [a[0] for a in accepted], [a[1] for a in accepted], [a[2] for a in accepted]

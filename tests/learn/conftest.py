@@ -102,7 +102,8 @@ def tiny_setup(dataset_root):
     """A fresh tiny SmolVLA on dataset_root with its train / held-out episode data (one per test module)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    from zk0.learn.data import EpisodeData, FrameCache, dataset_stable_id, policy_image_size, split_episodes
+    from zk0.learn.data import EpisodeData, dataset_stable_id, policy_image_size, split_episodes
+    from zk0.learn.frame_cache import FrameCache
     from zk0.learn.policy import PolicySpec, seeded_policy_bundle
 
     meta = LeRobotDatasetMetadata("local/zk0_test", root=dataset_root)

@@ -129,7 +129,8 @@ def test_a_checkpoint_loads_from_a_copy_after_every_temporary_directory_is_gone(
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
     from tests.learn.conftest import make_dataset
-    from zk0.learn.data import EpisodeData, FrameCache, policy_image_size
+    from zk0.learn.data import EpisodeData, policy_image_size
+    from zk0.learn.frame_cache import FrameCache
     from zk0.learn.policy import PolicySpec, make_policy_bundle, vlm_store
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host-a-cache"))

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zk0.learn import data as data_module
-from zk0.learn.data import EpisodeData, FrameCache, frames_bytes, sized_frame_cache
+from zk0.learn import frame_cache as frame_cache_module
+from zk0.learn.data import EpisodeData
+from zk0.learn.frame_cache import FrameCache, frames_bytes, sized_frame_cache
 
 ENTRY = 1000  # bytes of one synthetic entry's frames
 
@@ -113,8 +114,8 @@ def test_sized_cache_holds_every_frame_of_the_datasets(dataset_root, tmp_path):
 
 
 def test_a_memory_tier_too_small_for_the_working_set_is_logged(dataset_root, monkeypatch, caplog):
-    monkeypatch.setattr(data_module, "_available_memory", lambda: 1_000_000)
-    with caplog.at_level(logging.WARNING, logger="zk0.learn.data"):
+    monkeypatch.setattr(frame_cache_module, "_available_memory", lambda: 1_000_000)
+    with caplog.at_level(logging.WARNING, logger="zk0.learn.frame_cache"):
         cache = sized_frame_cache((64, 64), [dataset_root], disk_dir=None)
     assert cache.memory_bytes == 250_000
     assert "frame cache" in caplog.text and "64x64" in caplog.text

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -34,3 +35,15 @@ def test_the_same_seed_gives_the_same_start_and_the_same_trained_weights(dataset
 
     other, _ = _train(dataset_root, tmp_path / "c", seed=1)
     assert other["eval_before"] != first["eval_before"]
+
+
+def test_the_loss_curve_is_a_matplotlib_chart_of_every_step_and_its_centred_moving_average(tmp_path):
+    losses = [2.0 / (1 + i) + 0.1 * (i % 3) for i in range(100)]
+    fig = train_cli.plot_losses(losses, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "step" and "loss" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["per step", "moving average (10 steps)"]
+    per_step, average = ax.get_lines()
+    assert list(per_step.get_xdata()) == list(range(1, 101)) and list(per_step.get_ydata()) == losses
+    assert average.get_ydata()[50] == pytest.approx(sum(losses[46:56]) / 10)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from zk0.learn.data import FrameCache, dataset_fingerprint
+from zk0.learn.frame_cache import FrameCache, dataset_fingerprint
 from zk0.learn.evaluate import evaluate_loss
 from zk0.learn.policy import load_trainable_state, trainable_state
 from zk0.learn.trainer import LocalTrainer, TrainerConfig

@@ -20,7 +20,7 @@ from zk0.server.config import ValidationConfig
 from zk0.server.run_dir import outcome_summary
 from zk0.server.schedule import ScheduleConfig, ScheduleState
 from zk0.server.aggregation import (
-    UpdateRejected, aggregate_states, decode_update, example_weight, norm_rejections, trim_per_side,
+    UpdateRejected, aggregate_states, decode_update, example_weight, norm_rejections, trim_per_side, update_steps,
 )
 from zk0.server.strategy import (
     FederationAborted,
@@ -309,7 +309,7 @@ def test_a_huge_update_is_refused_against_the_round_and_a_lone_one_against_the_l
                            f"{SQRT17:.4g} = {10 * SQRT17:.4g}")
     assert "rejected update from node 2: update is 4.123e+04" in caplog.text
     lr1 = strategy.current.schedule.lr
-    assert strategy.history.update_norm_per_lr == pytest.approx(SQRT17 / lr1)
+    assert strategy.history.update_norm_per_lr_step == pytest.approx(SQRT17 / lr1)  # one step each: no metric
     lr2 = strategy.start_round(2, ArrayRecord(GLOBAL)).schedule.lr
     assert strategy.aggregate_train(2, [_named_reply(2, 1e4)]) == (None, None)
     reference = SQRT17 * lr2 / lr1  # last round's median distance, scaled by the LR change
@@ -319,6 +319,42 @@ def test_a_huge_update_is_refused_against_the_round_and_a_lone_one_against_the_l
     fresh = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {}, min_nodes=1)
     fresh.start_round(1, ArrayRecord(GLOBAL))
     assert fresh.aggregate_train(1, [_named_reply(2, 1e4)])[1]["accepted-updates"] == 1
+
+
+@pytest.mark.parametrize("claimed, asked, expected", [
+    (3, 8, 3.0),          # a partial update stands for the steps it did
+    (8, 8, 8.0),
+    (5000, 8, 8.0),       # never more than the round asked for: a node cannot widen its own bound
+    (None, 8, 8.0), (float("nan"), 8, 8.0), (0, 8, 8.0), (-2, 8, 8.0),
+    (30, None, 30.0),     # the round's ask unknown: the claim
+    (None, None, 1.0),
+])
+def test_the_steps_an_update_stands_for(claimed, asked, expected):
+    assert update_steps(claimed, asked) == expected
+
+
+def test_a_lone_update_is_judged_per_step_so_a_longer_honest_round_passes_and_a_huge_one_does_not():
+    """Round 1: two nodes of 3 steps. Round 2: one node alone, 30 steps (e.g. the round asked for more and its
+    lease was revoked part way): ~10x the distance of round 1, honest; scaled x1e4, refused."""
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {"local-steps": 100}, min_nodes=1)
+    strategy.start_round(1, ArrayRecord(GLOBAL))
+    first = [_named_reply(1, 1.0), _named_reply(2, 1.0)]
+    for reply in first:
+        reply.content.metric_records[METRICS_RECORD]["steps"] = 3
+    strategy.aggregate_train(1, first)
+    lr1 = strategy.current.schedule.lr
+    assert strategy.history.update_norm_per_lr_step == pytest.approx(SQRT17 / (lr1 * 3))
+
+    lr2 = strategy.start_round(2, ArrayRecord(GLOBAL)).schedule.lr
+    longer = _named_reply(1, 10.0 * lr2 / lr1)
+    longer.content.metric_records[METRICS_RECORD]["steps"] = 30
+    assert strategy.aggregate_train(2, [longer])[1]["accepted-updates"] == 1
+
+    strategy.start_round(3, ArrayRecord(GLOBAL))
+    huge = _named_reply(1, 1e4)
+    huge.content.metric_records[METRICS_RECORD]["steps"] = 5000  # claims more steps than asked: capped at 100
+    assert strategy.aggregate_train(3, [huge]) == (None, None)
+    assert "above 10 x the round's reference" in strategy.current.clients[1].reason
 
 
 def test_trimmed_mean_of_two_updates_is_their_mean_with_a_warning(caplog):
@@ -334,7 +370,7 @@ def test_history_round_trips_through_json():
     history = FederationHistory(
         eval_losses=[1.5, 1.2], schedule_state=ScheduleState(lr_scale=1.15, boost_round=9),
         client_loss_std={"dsA": 1.5}, dataset_of_node={4: "dsA", 7: "dsB"}, node_names={4: "arm1"},
-        update_norm_per_lr=3.25e4,
+        update_norm_per_lr_step=3.25e4,
     )
     assert FederationHistory.from_json(json.loads(json.dumps(history.to_json()))) == history
     assert FederationHistory.from_json({}) == FederationHistory()
@@ -357,7 +393,7 @@ def test_a_resumed_server_keeps_each_nodes_dataset_name_and_raised_mu():
     assert resumed.client_mu(4) == pytest.approx(0.02)
     assert resumed.client_mu(5) == pytest.approx(0.005 * 0.98)
     assert resumed.current.clients[4].name == "arm4" and resumed.current.clients[4].mu == pytest.approx(0.02)
-    assert resumed.history.update_norm_per_lr == pytest.approx(SQRT17 / 1e-4)
+    assert resumed.history.update_norm_per_lr_step == pytest.approx(SQRT17 / 1e-4)
 
 
 def test_evaluate_replies_teach_the_server_node_names_and_datasets():
