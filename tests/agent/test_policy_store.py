@@ -137,7 +137,8 @@ class Tiny:
 
     def actions(self, bundle) -> torch.Tensor:
         """The action chunks `bundle` predicts for two dataset frames, with fixed noise."""
-        from zk0.learn.data import EpisodeData, FrameCache, policy_image_size
+        from zk0.learn.data import EpisodeData, policy_image_size
+        from zk0.learn.frame_cache import FrameCache
 
         if not hasattr(self, "_batch"):
             data = EpisodeData(self.root, 10, policy_image_size(bundle.policy.config), FrameCache())
