@@ -79,13 +79,18 @@ def bench_zk0(rig, work: Path, seconds: float, fps: int) -> dict:
     }
 
 
-def bench_lerobot(rig, work: Path, seconds: float, fps: int) -> dict:
-    robot = rig.info["robot"]
-    cameras = ", ".join(
+def lerobot_cameras(rig) -> str:
+    """The rig's cameras as lerobot's `--robot.cameras` value (ZMQ cameras reading the rig's image server)."""
+    return ", ".join(
         f"{name}: {{type: zmq, server_address: {cam.server_address}, port: {cam.port}, camera_name: {name}, "
         f"width: {cam.width}, height: {cam.height}, fps: {cam.fps}}}"
         for name, cam in rig.camera_configs().items()
     )
+
+
+def bench_lerobot(rig, work: Path, seconds: float, fps: int) -> dict:
+    robot = rig.info["robot"]
+    cameras = lerobot_cameras(rig)
     root = work / "lerobot"
     log = work / "lerobot-record.log"
     cpu = run_measured(

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 # bench/ is sys.path[0] when this script runs: the record benchmark's process and config helpers.
-from record import run_measured, zk0_config
+from record import lerobot_cameras, run_measured, zk0_config
 
 LEROBOT_ROLLOUT = Path(sys.executable).with_name("lerobot-rollout")
 TASK = "pick the red cube"
@@ -101,11 +101,7 @@ def bench_zk0(rig, work: Path, policy: Path, inference: str, seconds: float, fps
 
 def bench_lerobot(rig, work: Path, policy: Path, seconds: float, fps: int) -> dict:
     robot = rig.info["robot"]
-    cameras = ", ".join(
-        f"{name}: {{type: zmq, server_address: {cam.server_address}, port: {cam.port}, camera_name: {name}, "
-        f"width: {cam.width}, height: {cam.height}, fps: {cam.fps}}}"
-        for name, cam in rig.camera_configs().items()
-    )
+    cameras = lerobot_cameras(rig)
     log = work / "lerobot-rollout.log"
     cpu = run_measured(
         [str(LEROBOT_ROLLOUT), "--strategy.type=base", f"--policy.path={policy}", "--inference.type=sync",
