@@ -152,6 +152,7 @@ class PolicyStore:
                     raise PolicyStoreError(f"{name} is already stored, corrupt: {existing.corrupt}")
                 if existing.sha256 != global_sha256:
                     raise PolicyStoreError(f"{name} already holds another policy (sha {existing.sha256[:12]})")
+                self._activate_first(name)  # a crash may have come between writing it and activating it
                 return existing
             base = self._ensure_base(bundle.policy, frozen_sha256(bundle.policy))
 
@@ -170,10 +171,14 @@ class PolicyStore:
                 (folder / VERSION_FILE).write_text(json.dumps(meta, indent=2))
 
             write_dir_atomic(self.versions_dir / name, write)
-            state = self.state()
-            if state.active is None:
-                self._write_state(promoted(state, name, "first version this store received", _who(), time.time()))
+            self._activate_first(name)
         return self._info(name, verify=False, bases={})
+
+    def _activate_first(self, name: str) -> None:
+        """The first version a store receives becomes active (the caller holds the lock)."""
+        state = self.state()
+        if state.active is None:
+            self._write_state(promoted(state, name, "first version this store received", _who(), time.time()))
 
     def set_server_metrics(self, ref: str, metrics: Mapping[str, float]) -> None:
         """Record the server's evaluation of a version (its evaluate message does not carry it yet)."""
@@ -369,8 +374,6 @@ class PolicyStore:
 
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-
-
 
 
 def _cache_matches(out: Path, info: VersionInfo) -> bool:

@@ -342,8 +342,9 @@ class Recorder:
             target = self.leader.get_action()
             present = np.fromiter((observation[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
             wanted = np.fromiter((target[k] for k in self._joint_keys), dtype=np.float64, count=len(self._joint_keys))
-            command = self.envelope(wanted, present)
+            command = self.envelope.propose(wanted, present)
             sent = self.robot.send_action(dict(zip(self._joint_keys, command.target.tolist(), strict=True)))
+            self.envelope.sent(command)
         if not record:
             return
         self._intervened_frames += bool(command.interventions)

@@ -41,6 +41,8 @@ from zk0.hw.realtime import polling, realtime, shorten_gil_slices
 from zk0.hw.safety import SafeCommand, SafetyEnvelope
 
 INTERVENTION = "intervention"  # lerobot's DAgger feature name and layout, so its tools read these datasets
+TORQUE_OFF_RETRIES = 5  # per write, as lerobot's disconnect: one lost status packet must not leave a motor on
+TORQUE_OFF_ATTEMPTS = 3
 logger = logging.getLogger(__name__)
 
 
@@ -68,12 +70,16 @@ class EnvelopedRobot(ThreadSafeRobot):
     def send_action(self, action: dict) -> dict:
         if self.present is None:
             raise RuntimeError("send_action before any observation: the envelope needs the present position")
-        self.last_command = self.envelope(np.array([action[k] for k in self.keys], dtype=np.float64), self.present)
-        return super().send_action(dict(zip(self.keys, self.last_command.target.tolist(), strict=True)))
+        command = self.envelope.propose(np.array([action[k] for k in self.keys], dtype=np.float64), self.present)
+        sent = super().send_action(dict(zip(self.keys, command.target.tolist(), strict=True)))
+        self.envelope.sent(command)
+        self.last_command = command
+        return sent
 
     def disable_torque(self) -> None:
+        """Torque off on every motor, retrying lost status packets like lerobot's own disconnect does."""
         with self._lock:
-            self.inner.bus.disable_torque()
+            self.inner.bus.disable_torque(num_retry=TORQUE_OFF_RETRIES)
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,7 @@ class Rollout:
             self.source.start()
             try:
                 for index in range(self.plan.episodes):
-                    if self.estop.requested_at is not None:  # between episodes: the arm holds its last goal
+                    if self.estop.requested_at is not None:  # before the first episode
                         summary.stopped = self._finish_estop()
                         break
                     report = self._episode(index)
@@ -139,8 +145,11 @@ class Rollout:
                     if report.ended != "time":
                         summary.stopped = report.ended
                         break
-                    if index + 1 < self.plan.episodes:
-                        self.estop.sleep(self.plan.reset_time_s)
+                    if self.estop.requested_at is None and index + 1 < self.plan.episodes:
+                        self.estop.sleep(self.plan.reset_time_s)  # wakes at once on an estop
+                    if self.estop.requested_at is not None:  # during the episode's last hold, or the reset
+                        summary.stopped = self._finish_estop()
+                        break
             except HardwareLost as error:
                 summary.stopped = f"hardware stopped answering: {error}"
             finally:
@@ -150,9 +159,21 @@ class Rollout:
     def _finish_estop(self) -> str:
         """The estop's torque off for an arm that is not moving (the servos hold their last goal)."""
         time.sleep(max(0.0, self.estop.requested_at + self.plan.guard.estop_hold_s - time.perf_counter()))
-        with polling():
-            self.robot.disable_torque()
+        self._cut_torque("estop")
         return "estop"
+
+    def _cut_torque(self, reason: str) -> None:
+        """Torque off, or HardwareLost when the bus refuses it again and again (the caller's disconnect, with its
+        own retries, is then the last resort)."""
+        logger.warning("torque off: %s", reason)
+        for attempt in range(1, TORQUE_OFF_ATTEMPTS + 1):
+            try:
+                with polling():
+                    self.robot.disable_torque()
+                return
+            except TRANSIENT_HARDWARE_ERRORS as error:
+                if attempt == TORQUE_OFF_ATTEMPTS:
+                    raise HardwareLost(f"torque off failed {attempt} times ({reason}): {error}") from error
 
     def _episode(self, index: int) -> EpisodeReport:
         store_index = self.store.num_episodes if self.store else index
@@ -219,10 +240,8 @@ class Rollout:
                     last_action_at = now
                 state = guard_step(state, now, last_action_at, self.estop.requested_at, plan.guard)
                 if state.mode is Mode.TORQUE_OFF:
-                    with polling():
-                        self.robot.disable_torque()
-                    logger.warning("torque off: %s", state.reason)
                     ended = state.reason or "torque off"
+                    self._cut_torque(ended)
                     break
                 hold_target = (hold_target if hold_target is not None else self.robot.present) if state.mode is Mode.HOLD else None
                 wanted = hold_target if hold_target is not None else action
@@ -235,6 +254,12 @@ class Rollout:
                 elif goal is None:  # nothing sent yet this episode: the servos keep the position they have
                     goal, intervention = self.robot.present, True
             except TRANSIENT_HARDWARE_ERRORS as error:
+                # The guard's clock runs on without an observation: a stalled read must not delay torque off.
+                state = guard_step(state, time.perf_counter(), last_action_at, self.estop.requested_at, plan.guard)
+                if state.mode is Mode.TORQUE_OFF:
+                    ended = state.reason or "torque off"
+                    self._cut_torque(ended)
+                    break
                 failed += 1
                 failed_in_row += 1
                 if failed_in_row >= plan.max_failed_ticks_in_row:

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from zk0.agent.dataset_store import DatasetError
     from zk0.agent.policy_store import PolicyStoreError
     from zk0.hw.robots import CalibrationError
+    from zk0.learn.checkpoint import CheckpointInvalid
 
     if args.episodes <= 0 or (args.episode_time_s is not None and args.episode_time_s <= 0):
         print("zk0 rollout: --episodes and --episode-time-s must be positive", file=sys.stderr)
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             rollout=dataclasses.replace(config.rollout, inference=args.inference or config.rollout.inference),
         )
         return _rollout(config, args)
-    except (ConfigError, DatasetError, CalibrationError, PolicyStoreError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, CalibrationError, PolicyStoreError, FileNotFoundError, CheckpointInvalid) as exc:
         print(f"zk0 rollout: {exc}", file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError) as exc:

@@ -156,8 +156,9 @@ def _load(ref: str, store: Path | None, device: str) -> LoadedPolicy:
     from zk0.agent.policy_store import PolicyStore, resolve_policy
     from zk0.learn.checkpoint import load_checkpoint
 
-    path = Path(resolve_policy(ref, store)).absolute()  # a store's cache name, not the version folder it links to
-    version = None if Path(ref).is_dir() else PolicyStore(store).get(ref).name
+    # Resolved to a version name once: a promotion meanwhile must not make "active" name other weights.
+    version = None if Path(ref).is_dir() or store is None else PolicyStore(store).get(ref).name
+    path = Path(resolve_policy(version or ref, store)).absolute()  # the store's cache name, not the version folder
     bundle, meta = load_checkpoint(path, device=device)
     return LoadedPolicy(ref, version, path, bundle, meta)
 

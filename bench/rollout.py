@@ -40,7 +40,7 @@ SIM_TASK = "pick_place_red"
 SLOW_TICK_WARNING = "Record loop is running slower"
 
 
-def build_policy(work: Path, fps: int) -> Path:
+def build_policy(work: Path) -> Path:
     """A tiny seeded policy for a one-episode dataset recorded on a fresh simulated rig."""
     import subprocess
 
@@ -127,7 +127,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="zk0-bench-rollout-") as tmp:
         work = Path(tmp)
-        policy = args.policy or build_policy(work / "build", args.fps)
+        policy = args.policy or build_policy(work / "build")
         trace = work / "trace.jsonl"
         runs = {
             "zk0_rollout_sync": lambda rig: bench_zk0(rig, work, policy, "sync", args.seconds, args.fps),

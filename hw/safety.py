@@ -189,11 +189,20 @@ class SafetyEnvelope:
         self.counts: dict[str, int] = dict.fromkeys(INTERVENTIONS, 0)
 
     def __call__(self, target: np.ndarray, present: np.ndarray) -> SafeCommand:
-        command = safe_command(target, present, self.last_safe, self.spec)
+        """The safe command, remembered as sent (for loops whose send cannot fail, e.g. the lock-step sim)."""
+        command = self.propose(target, present)
+        self.sent(command)
+        return command
+
+    def propose(self, target: np.ndarray, present: np.ndarray) -> SafeCommand:
+        """The safe command for `target`, not yet remembered: call `sent` once it reached the bus, so that a
+        failed write never becomes the reference of the next tick's velocity bound or hold."""
+        return safe_command(target, present, self.last_safe, self.spec)
+
+    def sent(self, command: SafeCommand) -> None:
         self.last_safe = command.target
         for name in command.interventions:
             self.counts[name] += 1
-        return command
 
     def reset(self) -> None:
         self.last_safe = None

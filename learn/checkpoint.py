@@ -49,6 +49,10 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+class CheckpointInvalid(ValueError):
+    """A checkpoint that must not be loaded: its weights do not match the SHA-256 it recorded."""
+
+
 @dataclass
 class CheckpointMeta:
     run: str
@@ -220,7 +224,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[PolicyBundle
     meta = read_meta(root)
     actual = sha256_file(root / WEIGHTS_FILE)
     if actual != meta.sha256:
-        raise ValueError(f"{root}: {WEIGHTS_FILE} sha256 {actual[:12]} != recorded {meta.sha256[:12]}")
+        raise CheckpointInvalid(f"{root}: {WEIGHTS_FILE} sha256 {actual[:12]} != recorded {meta.sha256[:12]}")
     config = PreTrainedConfig.from_pretrained(root)
     config.device = device
     pre_overrides: dict[str, Any] = {"device_processor": {"device": device}, **resolve_checkpoint_vlm(root, config)}

@@ -278,7 +278,10 @@ class RigHandle:
                    "--calibration-dir", str(calibration_dir), "--cameras", ",".join(cameras), "--fps", str(fps),
                    "--width", str(width), "--height", str(height), "--seed", str(seed), "--baudrate", str(baudrate),
                    "--exit-with-stdin", *(["--bus-trace", str(bus_trace)] if bus_trace is not None else [])]
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # Its own session: a Ctrl-C meant for the caller (an estop, a save-and-stop) must not take the rig's
+        # bus away first; the rig ends when its stdin closes, i.e. with its caller.
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                   start_new_session=True)
         line = process.stdout.readline()
         if not line:
             process.wait(timeout=10)

@@ -200,6 +200,17 @@ def test_the_first_version_becomes_active_and_later_ones_wait(store: PolicyStore
     assert store.get("run1-round2").server_metrics == {"loss": 0.5} and not store.get("run1-round2").corrupt
 
 
+def test_a_first_version_written_but_never_activated_is_activated_when_delivered_again(
+        store: PolicyStore, tiny: Tiny) -> None:
+    """A crash between writing the first version and activating it: the next delivery of the same global (Flower
+    resends the evaluate message of an unfinished round) completes what the crash interrupted."""
+    (store.root / "store.json").unlink()
+    shutil.rmtree(store.root / "versions" / "run1-round2")
+    assert store.state().active is None
+    tiny.add(store, 1, loss=0.9)
+    assert store.active.name == "run1-round1"
+
+
 def test_versions_share_one_base_and_cost_about_one_update(store: PolicyStore, tiny: Tiny) -> None:
     [base] = list(store.bases_dir.iterdir())
     versions = store.versions()

@@ -36,9 +36,17 @@ class MemoryArm:
         self.position = np.zeros(6)
         self.goals: list[tuple[float, np.ndarray]] = []
         self.torque_off_at: float | None = None
-        self.bus = SimpleNamespace(disable_torque=lambda: setattr(self, "torque_off_at", time.perf_counter()))
+        self.torque_off_retries: int | None = None
+        self.fail_reads = False  # a camera or bus that stopped answering
+        self.bus = SimpleNamespace(disable_torque=self._disable_torque)
+
+    def _disable_torque(self, num_retry: int = 0) -> None:
+        self.torque_off_at, self.torque_off_retries = time.perf_counter(), num_retry
 
     def get_observation(self) -> dict:
+        if self.fail_reads:
+            time.sleep(0.05)  # a read that times out
+            raise TimeoutError("camera front: no frame")
         return {**dict(zip(JOINTS, self.position.tolist())), "front": np.zeros((48, 64, 3), np.uint8)}
 
     def send_action(self, action: dict) -> dict:
@@ -77,12 +85,14 @@ class FrameList:
         self.frames.clear()
 
 
-def rollout(engine, estop: Estop | None = None, store=None, seconds: float = 3.0) -> tuple[MemoryArm, Rollout]:
+def rollout(engine, estop: Estop | None = None, store=None, seconds: float = 3.0, episodes: int = 1,
+            reset_s: float = 0.0, max_failed_ticks_in_row: int = 15) -> tuple[MemoryArm, Rollout]:
     arm = MemoryArm()
     limits = JointLimits(NAMES, np.full(6, -90.0), np.full(6, 90.0))
     envelope = SafetyEnvelope(EnvelopeSpec(limits, np.full(6, 10.0), np.full(6, 180.0), FPS))
-    plan = RolloutPlan(task="t", episodes=1, fps=FPS, episode_time_s=seconds, reset_time_s=0.0, guard=TIMES,
-                       policy="v1@cafe", calibration_hash="cafe")
+    plan = RolloutPlan(task="t", episodes=episodes, fps=FPS, episode_time_s=seconds, reset_time_s=reset_s,
+                       guard=TIMES, policy="v1@cafe", calibration_hash="cafe",
+                       max_failed_ticks_in_row=max_failed_ticks_in_row)
     return arm, Rollout(EnvelopedRobot(arm, envelope), SyncSource(engine, FEATURES), plan, estop or Estop(), store=store)
 
 
@@ -112,6 +122,39 @@ def test_estop_holds_the_present_position_at_once_then_cuts_torque() -> None:
     assert after[0][0] - estop.requested_at < 1 / FPS  # the sleeping loop woke for it
     assert all(np.array_equal(g, after[0][1]) for _, g in after)  # held where it was
     assert 0.5 <= arm.torque_off_at - estop.requested_at <= 0.5 + 1.5 / FPS
+    assert arm.torque_off_retries == 5  # a lost status packet must not leave a motor powered
+
+
+@pytest.mark.parametrize("episodes", [1, 2])
+def test_an_estop_at_the_end_of_an_episode_still_cuts_torque_after_its_hold_not_after_the_reset(episodes) -> None:
+    """The estop lands 0.15 s before the episode's end: its hold outlasts the episode. With a next episode the
+    3 s reset must not delay torque off; after the last one the rollout still reports and completes the estop."""
+    estop = Estop()
+    arm, loop = rollout(ScriptedEngine(), estop, seconds=0.5, episodes=episodes, reset_s=3.0)
+    timer = threading.Timer(0.35, estop.request, args=("test",))
+    timer.start()
+    summary = loop.run()
+    assert summary.stopped == "estop" and len(summary.episodes) == 1
+    assert 0.5 <= arm.torque_off_at - estop.requested_at <= 0.5 + 2 / FPS
+
+
+def test_a_watchdog_cut_is_not_delayed_by_reads_that_keep_failing() -> None:
+    """The policy stalls and the cameras stop answering (more failed reads in a row than fit in a second are
+    allowed, as with slow timeouts): torque still goes off 1 s after the last action."""
+    arm, loop = rollout(ScriptedEngine(stall_at=10), max_failed_ticks_in_row=1000)
+    original = arm.send_action
+
+    def send_then_fail(action: dict) -> dict:
+        sent = original(action)
+        if len(arm.goals) >= 9:
+            arm.fail_reads = True
+        return sent
+
+    arm.send_action = send_then_fail
+    summary = loop.run()
+    assert summary.stopped.startswith("watchdog: no action for")
+    last_action = arm.goals[8][0]
+    assert 0.95 <= arm.torque_off_at - last_action <= 1.0 + 0.1
 
 
 @pytest.mark.parametrize("value", [float("nan"), 1e6])
@@ -125,7 +168,8 @@ def test_bad_actions_never_leave_the_envelope_and_are_flagged(value: float) -> N
     assert (np.abs(np.diff(goals, axis=0, prepend=0)) <= 10 + 1e-9).all()
     report = summary.episodes[0]
     if np.isnan(value):
-        assert report.interventions == {"non-finite": report.timing.ticks}
+        # every command sent was a hold of a non-finite action (a tick whose action came late sends nothing)
+        assert report.interventions == {"non-finite": len(arm.goals)} and len(arm.goals) > 0.8 * report.timing.ticks
     else:  # the first target is step-bound (no previous one), then velocity-bound up to the joint limit
         assert {"step", "velocity", "joint-limit"} <= set(report.interventions)
     assert all(f["intervention"].item() for f in store.frames[:3])  # flagged frames, DAgger-style
