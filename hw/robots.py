@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -120,17 +121,43 @@ def _settle_calibration(device: Robot | Teleoperator, write_calibration: bool) -
 # and the registers holding them.
 CALIBRATION_REGISTERS = {"homing_offset": "Homing_Offset", "range_min": "Min_Position_Limit", "range_max": "Max_Position_Limit"}
 CALIBRATION_READ_RETRIES = 3
+CALIBRATION_READ_ROUNDS = 4  # reads until two in a row agree
+LATE_REPLY_WAIT_S = 0.05
 
 
 def read_motor_calibration(bus: FeetechMotorsBus) -> dict[str, MotorCalibration]:
-    """The calibration the motors' EPROM holds, in three sync reads with retries (lerobot's
-    `read_calibration` reads every motor and field alone, and one lost reply fails it)."""
-    values = {field: bus.sync_read(register, normalize=False, num_retry=CALIBRATION_READ_RETRIES)
-              for field, register in CALIBRATION_REGISTERS.items()}
-    return {
-        motor: MotorCalibration(id=spec.id, drive_mode=0, **{field: int(values[field][motor]) for field in values})
-        for motor, spec in bus.motors.items()
-    }
+    """The calibration the motors' EPROM holds, read until two reads in a row agree.
+
+    Each read is three sync reads with retries (lerobot's `read_calibration` reads every motor and field alone,
+    and one lost reply fails it). A sync-read reply does not say which register it answers, so a late reply
+    left on a busy or just-opened link can pass for the values asked for: one read alone must not decide that
+    an arm disagrees with its file. Stale input is dropped before each read; reads that never agree twice
+    raise ConnectionError (the connect is then retried from a closed port)."""
+    previous = None
+    for _ in range(CALIBRATION_READ_ROUNDS):
+        values = {field: _fresh_sync_read(bus, register) for field, register in CALIBRATION_REGISTERS.items()}
+        current = {
+            motor: MotorCalibration(id=spec.id, drive_mode=0, **{field: int(values[field][motor]) for field in values})
+            for motor, spec in bus.motors.items()
+        }
+        if current == previous:
+            return current
+        previous = current
+    raise ConnectionError(f"the motors' calibration read back differently {CALIBRATION_READ_ROUNDS} times in a row")
+
+
+def _fresh_sync_read(bus: FeetechMotorsBus, register: str) -> dict[str, int]:
+    """One register of every motor, from replies sent after the request. lerobot's own retries re-read a port
+    that may still receive the replies of the attempt that timed out, and accept them as the answer (each
+    value then lands one register late); here every attempt drops what arrived before it."""
+    for attempt in range(CALIBRATION_READ_RETRIES + 1):
+        bus.port_handler.ser.reset_input_buffer()
+        try:
+            return bus.sync_read(register, normalize=False, num_retry=0)
+        except ConnectionError:
+            if attempt == CALIBRATION_READ_RETRIES:
+                raise
+            time.sleep(LATE_REPLY_WAIT_S)  # let late replies land, to be dropped by the next attempt
 
 
 def calibration_difference(on_file: Mapping[str, MotorCalibration], on_motors: Mapping[str, MotorCalibration]) -> str | None:
