@@ -30,13 +30,14 @@ from lerobot.rollout.robot_wrapper import ThreadSafeRobot
 from lerobot.utils.constants import ACTION, OBS_STR
 from lerobot.utils.feature_utils import build_dataset_frame
 
+from zk0.agent.config import RolloutSettings
 from zk0.agent.dataset_store import EpisodeMeta
 from zk0.agent.record import (
     CAPTURE_TIME, TRANSIENT_HARDWARE_ERRORS, EpisodeEnvironment, EpisodeStore, HardwareLost, RealWorld, TickTiming,
     dataset_features, is_slow, tick_timing,
 )
 from zk0.agent.rollout_engines import ActionSource
-from zk0.agent.rollout_guard import Estop, GuardState, GuardTimes, Mode, guard_step
+from zk0.agent.rollout_guard import Estop, GuardState, Mode, guard_step
 from zk0.hw.realtime import polling, realtime, shorten_gil_slices
 from zk0.hw.safety import SafeCommand, SafetyEnvelope
 
@@ -89,7 +90,7 @@ class RolloutPlan:
     fps: int
     episode_time_s: float
     reset_time_s: float  # between episodes the arm keeps its last goal while the scene is reset
-    guard: GuardTimes
+    guard: RolloutSettings  # watchdog and estop times
     policy: str  # the version recorded with every episode
     calibration_hash: str
     min_rate_fraction: float = 0.95

@@ -91,7 +91,7 @@ def _rollout(config, args: argparse.Namespace) -> int:
     from zk0.agent.record_cli import _start_sim
     from zk0.agent.rollout import EnvelopedRobot, Rollout, RolloutPlan, rollout_features
     from zk0.agent.rollout_engines import make_source, warm_up
-    from zk0.agent.rollout_guard import Estop, GuardTimes
+    from zk0.agent.rollout_guard import Estop
     from zk0.agent.writer_process import WriterProcess
     from zk0.hw.realtime import polling
     from zk0.hw.robots import calibration_hash, connect_without_prompt, disconnect_quietly, follower_limits, make_follower
@@ -127,7 +127,7 @@ def _rollout(config, args: argparse.Namespace) -> int:
         plan = RolloutPlan(
             task=args.task, episodes=args.episodes, fps=fps, episode_time_s=config.record.episode_time_s,
             reset_time_s=0.0 if args.sim else config.record.reset_time_s,
-            guard=GuardTimes(config.rollout.watchdog_hold_s, config.rollout.watchdog_torque_off_s, config.rollout.estop_hold_s),
+            guard=config.rollout,
             policy=version, calibration_hash=cal_hash, min_rate_fraction=config.record.min_rate_fraction,
             max_failed_ticks_in_row=config.record.max_failed_ticks_in_row, realtime_priority=config.record.realtime_priority,
         )

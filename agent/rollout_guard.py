@@ -7,9 +7,10 @@ Three modes, decided every tick from the time of the last fresh policy action an
 - TORQUE_OFF: the motors are limp; the rollout ends. Absorbing: torque never comes back by itself, because an
   arm that went limp may have sagged, and re-energising it towards an old target would jerk it.
 
-Watchdog: no fresh action for `hold_s` -> HOLD; a fresh action before `torque_off_s` resumes RUN (a slow
-inference is not a fault, and holding is harmless); none for `torque_off_s` (counted from the last action,
-not from the hold) -> TORQUE_OFF. Estop (`zk0ctl estop`, SIGINT, SIGTERM): HOLD at once and for good (latched:
+Watchdog (`RolloutSettings`): no fresh action for `watchdog_hold_s` -> HOLD; a fresh action before
+`watchdog_torque_off_s` resumes RUN (a slow
+inference is not a fault, and holding is harmless); none for `watchdog_torque_off_s` (counted from the last
+action, not from the hold) -> TORQUE_OFF. Estop (`zk0ctl estop`, SIGINT, SIGTERM): HOLD at once and for good (latched:
 fresh actions are ignored), TORQUE_OFF `estop_hold_s` after the request. Holding first, rather than cutting
 torque at once, keeps a loaded arm from dropping onto whatever made the operator press stop.
 """
@@ -21,20 +22,13 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
+from zk0.agent.config import RolloutSettings
+
 
 class Mode(str, Enum):
     RUN = "run"
     HOLD = "hold"
     TORQUE_OFF = "torque_off"
-
-
-@dataclass(frozen=True)
-class GuardTimes:
-    """Seconds, from `RolloutSettings`: watchdog hold and torque-off bounds, estop hold."""
-
-    hold_s: float
-    torque_off_s: float
-    estop_hold_s: float
 
 
 @dataclass(frozen=True)
@@ -44,7 +38,7 @@ class GuardState:
 
 
 def guard_step(state: GuardState, now: float, last_action_at: float, estop_at: float | None,
-               times: GuardTimes) -> GuardState:
+               times: RolloutSettings) -> GuardState:
     """The mode for this tick. `last_action_at`: when the freshest policy action arrived (the episode's
     start before the first); `estop_at`: when an estop was requested, None if never."""
     if state.mode is Mode.TORQUE_OFF:
@@ -54,9 +48,9 @@ def guard_step(state: GuardState, now: float, last_action_at: float, estop_at: f
             return GuardState(Mode.TORQUE_OFF, "estop")
         return GuardState(Mode.HOLD, "estop")
     silent = now - last_action_at
-    if silent >= times.torque_off_s:
+    if silent >= times.watchdog_torque_off_s:
         return GuardState(Mode.TORQUE_OFF, f"watchdog: no action for {silent * 1e3:.0f} ms")
-    if silent >= times.hold_s:
+    if silent >= times.watchdog_hold_s:
         return GuardState(Mode.HOLD, f"watchdog: no action for {silent * 1e3:.0f} ms")
     return GuardState(Mode.RUN)
 

@@ -14,14 +14,15 @@ import torch
 from zk0.agent.control import Request
 from zk0.agent.rollout import EnvelopedRobot, Rollout, RolloutPlan
 from zk0.agent.rollout_engines import SyncSource
-from zk0.agent.rollout_guard import Estop, GuardTimes
+from zk0.agent.config import RolloutSettings
+from zk0.agent.rollout_guard import Estop
 from zk0.hw.safety import EnvelopeSpec, JointLimits, SafetyEnvelope
 from tests.agent.conftest import FEATURES, JOINTS
 from tests.agent.test_rollout_engines import ScriptedEngine
 
 FPS = 30
 NAMES = tuple(j.removesuffix(".pos") for j in JOINTS)
-TIMES = GuardTimes(hold_s=0.2, torque_off_s=1.0, estop_hold_s=0.5)
+TIMES = RolloutSettings(watchdog_hold_s=0.2, watchdog_torque_off_s=1.0, estop_hold_s=0.5)
 
 
 class MemoryArm:

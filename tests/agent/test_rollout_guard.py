@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from zk0.agent.rollout_guard import Estop, GuardState, GuardTimes, Mode, guard_step
+from zk0.agent.config import RolloutSettings
+from zk0.agent.rollout_guard import Estop, GuardState, Mode, guard_step
 
-TIMES = GuardTimes(hold_s=0.2, torque_off_s=1.0, estop_hold_s=0.5)
+TIMES = RolloutSettings(watchdog_hold_s=0.2, watchdog_torque_off_s=1.0, estop_hold_s=0.5)
 RUN, HOLD, OFF = GuardState(Mode.RUN), GuardState(Mode.HOLD, "watchdog"), GuardState(Mode.TORQUE_OFF, "x")
 
 

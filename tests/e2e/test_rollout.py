@@ -190,7 +190,8 @@ def test_watchdog_on_the_bus_holds_a_stalled_policy_then_cuts_torque(tmp_path: P
     from zk0.agent.record import dataset_features
     from zk0.agent.rollout import EnvelopedRobot, Rollout, RolloutPlan
     from zk0.agent.rollout_engines import SyncSource
-    from zk0.agent.rollout_guard import Estop, GuardTimes
+    from zk0.agent.config import RolloutSettings
+    from zk0.agent.rollout_guard import Estop
     from zk0.hw.config import ArmConfig, SafetySettings
     from zk0.hw.realtime import polling, realtime
     from zk0.hw.robots import connect_without_prompt, disconnect_quietly, follower_limits, make_follower
@@ -207,7 +208,7 @@ def test_watchdog_on_the_bus_holds_a_stalled_policy_then_cuts_torque(tmp_path: P
         try:
             envelope = SafetyEnvelope(envelope_spec(follower_limits(robot), SafetySettings(), FPS))
             plan = RolloutPlan(task=TASK, episodes=1, fps=FPS, episode_time_s=5.0, reset_time_s=0.0,
-                               guard=GuardTimes(0.2, 1.0, 0.5), policy="stall", calibration_hash="")
+                               guard=RolloutSettings(watchdog_hold_s=0.2, watchdog_torque_off_s=1.0, estop_hold_s=0.5), policy="stall", calibration_hash="")
             summary = Rollout(EnvelopedRobot(robot, envelope), SyncSource(engine, dataset_features(robot)), plan,
                               Estop()).run()
         finally:
