@@ -4,6 +4,8 @@
   zk0ctl save|discard|rerecord  end the episode being recorded that way
   zk0ctl stop                   save the current episode and end the session
   zk0ctl estop                  emergency stop of a rollout: hold the arm now, torque off after the hold
+  zk0ctl pause|resume           take the arm from a rollout's policy (it holds) and give it back
+  zk0ctl correct|release        while paused: drive the arm with the leader (DAgger correction), and stop
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 
 from zk0.agent.control import DEFAULT_CONTROL_ADDRESS, request
 
-COMMANDS = ("status", "save", "discard", "rerecord", "stop", "estop")
+COMMANDS = ("status", "save", "discard", "rerecord", "stop", "estop", "pause", "resume", "correct", "release")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,7 +77,7 @@ def _record(config, args: argparse.Namespace) -> int:
         calibration_hash,
         connect_without_prompt,
         disconnect_quietly,
-        follower_limits,
+        arm_limits,
         make_follower,
         make_leader,
     )
@@ -126,7 +126,7 @@ def _record(config, args: argparse.Namespace) -> int:
                                        status.control_handler(events))
         if control is not None:
             stack.callback(control.close)
-        envelope = SafetyEnvelope(envelope_spec(follower_limits(robot), config.safety, config.record.fps, config.robot_type))
+        envelope = SafetyEnvelope(envelope_spec(arm_limits(robot), config.safety, config.record.fps, config.robot_type))
         recorder = Recorder(robot, leader, store, envelope, plan, events, environment, status)
         summary = recorder.record()
         if bars:

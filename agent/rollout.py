@@ -14,7 +14,9 @@ of bursting; ticks, on-time fraction and jitter come from the recorder's `tick_t
 started inside the real-time section so they are normally scheduled (SCHED_RESET_ON_FORK): a chunk being
 computed never delays a tick. With `store`, each episode is recorded like a teleoperated one (observation,
 the target actually sent, capture time) plus lerobot's DAgger `intervention` flag: true on frames whose
-target was not the policy's own (the envelope changed it, or the arm was held).
+target was not the policy's own (the envelope changed it, the arm was held, or the operator paused the policy
+or drove the arm with the leader: zk0.agent.dagger). Each episode starts autonomous; one ends on time even
+during a correction (the next starts with the policy in control).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from lerobot.robots import Robot
+from lerobot.rollout.strategies.dagger import DAggerPhase
 from lerobot.rollout.robot_wrapper import ThreadSafeRobot
 from lerobot.utils.constants import ACTION, OBS_STR
 from lerobot.utils.feature_utils import build_dataset_frame
@@ -36,6 +39,7 @@ from zk0.agent.record import (
     CAPTURE_TIME, TRANSIENT_HARDWARE_ERRORS, EpisodeEnvironment, EpisodeStore, HardwareLost, RealWorld, TickTiming,
     dataset_features, is_slow, tick_timing,
 )
+from zk0.agent.dagger import Takeover
 from zk0.agent.rollout_engines import ActionSource
 from zk0.agent.rollout_guard import Estop, GuardState, Mode, guard_step
 from zk0.hw.realtime import polling, realtime, shorten_gil_slices
@@ -107,8 +111,9 @@ class EpisodeReport:
     success: bool | None
     timing: TickTiming
     interventions: dict[str, int]  # envelope interventions by kind (ticks)
-    intervened_ticks: int  # ticks whose target was not the policy's own (envelope or hold)
-    held_ticks: int
+    intervened_ticks: int  # ticks whose target was not the policy's own (envelope, hold or operator)
+    held_ticks: int  # the watchdog's or estop's holds
+    corrected_ticks: int  # ticks the operator drove the follower with the leader (DAgger correction)
     ended: str  # "time", or why the guard took the arm
     inference_ms: tuple[float, float]  # p50, p99 of the policy's latencies during the episode
 
@@ -122,8 +127,9 @@ class RolloutSummary:
 class Rollout:
     def __init__(self, robot: EnvelopedRobot, source: ActionSource, plan: RolloutPlan, estop: Estop,
                  environment: EpisodeEnvironment | None = None, store: EpisodeStore | None = None,
-                 progress: Callable[[int, int, Mode], object] | None = None) -> None:
+                 progress: Callable[[int, int, Mode], object] | None = None, takeover: Takeover | None = None) -> None:
         self.robot = robot
+        self.takeover = takeover or Takeover()
         self.source = source
         self.plan = plan
         self.estop = estop
@@ -180,11 +186,12 @@ class Rollout:
         store_index = self.store.num_episodes if self.store else index
         seed = self.environment.begin_episode(store_index)
         self.robot.envelope.reset()
+        self.takeover.reset()
         self.source.reset()
         latencies_before = len(self.source.latencies_s)
         started_at = time.time()
         try:
-            ended, timing, intervened, held = self._run_ticks(store_index)
+            ended, timing, intervened, held, corrected = self._run_ticks(store_index)
         except HardwareLost:
             if self.store:
                 self.store.discard_episode()
@@ -194,7 +201,7 @@ class Rollout:
         report = EpisodeReport(
             index=store_index, seed=seed, success=success, timing=timing,
             interventions={k: v for k, v in self.robot.envelope.counts.items() if v}, intervened_ticks=intervened,
-            held_ticks=held, ended=ended,
+            held_ticks=held, corrected_ticks=corrected, ended=ended,
             inference_ms=(float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))) if len(latencies) else (0.0, 0.0),
         )
         if self.store:
@@ -215,27 +222,27 @@ class Rollout:
             policy=self.plan.policy, interventions=report.intervened_ticks,
         ))
 
-    def _run_ticks(self, episode_index: int) -> tuple[str, TickTiming, int, int]:
-        """Run one episode's ticks; return how it ended, its timing, intervened and held tick counts."""
+    def _run_ticks(self, episode_index: int) -> tuple[str, TickTiming, int, int, int]:
+        """Run one episode's ticks; return how it ended, its timing, and its intervened, held and corrected ticks."""
         plan, period = self.plan, 1.0 / self.plan.fps
         n_max = int(np.ceil(plan.episode_time_s * plan.fps)) + 1
         starts, deadlines, ends = np.empty(n_max), np.empty(n_max), np.empty(n_max)
         first = time.perf_counter()
         deadline, last_action_at, next_progress = first, first, first + 1.0
         state, hold_target, goal = GuardState(), None, None
-        n = failed = failed_in_row = intervened = held = 0
+        n = failed = failed_in_row = intervened = held = corrected = 0
         ended = "time"
         while deadline - first < plan.episode_time_s - 1e-9 and n < n_max:
             self.estop.sleep(deadline - time.perf_counter())
             start = time.perf_counter()
             deadline = min(deadline, start)  # woken early by an estop: an unscheduled tick, not a late one
             try:
+                if self.takeover.apply_requested() is not None and self.takeover.phase is DAggerPhase.AUTONOMOUS:
+                    self.source.reset()  # the policy resumes from what it sees now, not from a chunk planned before
+                phase = self.takeover.phase
                 with polling():
                     observation = self.robot.get_observation()
-                self.source.offer(observation)
-                action = None
-                if self.estop.requested_at is None:
-                    action = self.source.take(deadline + plan.action_wait_fraction * period - time.perf_counter())
+                action = self._next_action(phase, observation, goal, deadline + plan.action_wait_fraction * period)
                 now = time.perf_counter()
                 if action is not None:
                     last_action_at = now
@@ -251,7 +258,8 @@ class Rollout:
                     with polling():
                         self.robot.send_action(dict(zip(self.robot.keys, wanted.tolist(), strict=True)))
                     goal = self.robot.last_command.target
-                    intervention = hold_target is not None or bool(self.robot.last_command.interventions)
+                    intervention = (hold_target is not None or phase is not DAggerPhase.AUTONOMOUS
+                                    or bool(self.robot.last_command.interventions))
                 elif goal is None:  # nothing sent yet this episode: the servos keep the position they have
                     goal, intervention = self.robot.present, True
             except TRANSIENT_HARDWARE_ERRORS as error:
@@ -270,6 +278,7 @@ class Rollout:
                 continue
             failed_in_row = 0
             held += hold_target is not None
+            corrected += hold_target is None and phase is DAggerPhase.CORRECTING
             intervened += intervention
             if self.store:
                 self._add_frame(observation, goal, start - first, intervention)
@@ -280,7 +289,26 @@ class Rollout:
                 next_progress = end + 1.0
                 self._progress(episode_index, n, state.mode)
             deadline = max(deadline + period, end)
-        return ended, tick_timing(starts[:n], deadlines[:n], ends[:n], period, failed), intervened, held
+        return ended, tick_timing(starts[:n], deadlines[:n], ends[:n], period, failed), intervened, held, corrected
+
+    def _next_action(self, phase: DAggerPhase, observation: dict, goal: np.ndarray | None,
+                     wait_until: float) -> np.ndarray | None:
+        """This tick's target before the envelope: the policy's freshest action (AUTONOMOUS, waiting at most until
+        `wait_until`), the last goal while the leader is brought to it (PAUSED), or the leader's position
+        (CORRECTING); None when there is none or an estop was asked for."""
+        if phase is DAggerPhase.AUTONOMOUS:
+            self.source.offer(observation)
+            if self.estop.requested_at is not None:
+                return None
+            return self.source.take(wait_until - time.perf_counter())
+        if self.estop.requested_at is not None:
+            return None
+        with polling():
+            if phase is DAggerPhase.PAUSED:
+                target = goal if goal is not None else self.robot.present
+                self.takeover.meet(target)
+                return target
+            return self.takeover.leader_position()
 
     def _add_frame(self, observation: dict, goal: np.ndarray, capture_time_s: float, intervention: bool) -> None:
         frame = build_dataset_frame(self.store.features, observation, prefix=OBS_STR)

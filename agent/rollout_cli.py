@@ -2,7 +2,8 @@
 through the safety envelope, with the watchdog and estop of zk0.agent.rollout_guard.
 
 Stop it with `zk0ctl estop`, SIGINT (Ctrl-C) or SIGTERM: the arm holds its present position at once and goes
-limp `rollout.estop_hold_s` later. Exit status: 0 all episodes ran, 1 the watchdog cut torque or the hardware
+limp `rollout.estop_hold_s` later. Take over DAgger-style with `zk0ctl pause`, `correct` (the leader arm drives
+the follower; needs --dagger), `release` and `resume` (zk0.agent.dagger). Exit status: 0 all episodes ran, 1 the watchdog cut torque or the hardware
 stopped answering, 2 the command could not start (config, policy, calibration), 3 stopped by an estop.
 """
 
@@ -19,9 +20,10 @@ from pathlib import Path
 
 from zk0.agent import lease
 from zk0.agent.control import Request
+from zk0.agent.dagger import VERBS
 from zk0.agent.record_cli import DEFAULT_CONFIG, SimEnvironment, sim_task_name
 
-CONTROL_COMMANDS = {**dict.fromkeys(("status", "estop")), **lease.COMMANDS}
+CONTROL_COMMANDS = {**dict.fromkeys(("status", "estop", *VERBS)), **lease.COMMANDS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --sim: the rig writes every Goal_Position / Torque_Enable write it receives here (JSON lines)")
     parser.add_argument("--report", type=Path, metavar="FILE", help="write the per-episode report here as JSON")
     parser.add_argument("--control", metavar="ADDRESS", help="control API address for zk0ctl (default from config)")
+    parser.add_argument("--dagger", action="store_true",
+                        help="connect the leader arm so the operator can take over (zk0ctl pause, correct, release, resume); "
+                             "with --sim the scripted operator corrects")
     parser.add_argument("--write-calibration", action="store_true",
                         help="write the calibration file into the motors when they disagree (default: refuse to start)")
 
@@ -76,16 +81,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 class RolloutSimEnvironment(SimEnvironment):
-    """`zk0 record --sim`'s environment without the scripted operator: the policy, not the leader, moves the arm."""
+    """`zk0 record --sim`'s environment where the policy, not the leader, moves the arm; the scripted operator
+    moves the leader only while the operator corrects (DAgger), and continues its plan at each correction."""
 
     def begin_episode(self, episode_index: int) -> int:
         seed = self._first_seed + episode_index
         self.rig.reset(self._task, seed)
         return seed
 
+    def operator_hands(self, old, new) -> None:
+        """Takeover phase hook: the scripted operator's hand is on the leader exactly while correcting."""
+        from lerobot.rollout.strategies.dagger import DAggerPhase
+
+        if new is DAggerPhase.CORRECTING:
+            self.rig.start_operator()
+        elif old is DAggerPhase.CORRECTING:
+            self.rig.stop_operator()
+
 
 def _rollout(config, args: argparse.Namespace) -> int:
     from zk0.agent.control import start_control_server
+    from zk0.agent.dagger import Takeover
     from zk0.agent.dataset_store import DatasetIdentity, EncodingSettings
     from zk0.agent.policy_store import resolve_policy
     from zk0.agent.record_cli import _start_sim
@@ -94,7 +110,9 @@ def _rollout(config, args: argparse.Namespace) -> int:
     from zk0.agent.rollout_guard import Estop
     from zk0.agent.writer_process import WriterProcess
     from zk0.hw.realtime import polling
-    from zk0.hw.robots import calibration_hash, connect_without_prompt, disconnect_quietly, follower_limits, make_follower
+    from zk0.hw.robots import (
+        arm_limits, calibration_hash, connect_without_prompt, disconnect_quietly, make_follower, make_leader,
+    )
     from zk0.hw.safety import SafetyEnvelope, envelope_spec
     from zk0.learn.checkpoint import load_checkpoint
 
@@ -131,23 +149,31 @@ def _rollout(config, args: argparse.Namespace) -> int:
             policy=version, calibration_hash=cal_hash, min_rate_fraction=config.record.min_rate_fraction,
             max_failed_ticks_in_row=config.record.max_failed_ticks_in_row, realtime_priority=config.record.realtime_priority,
         )
-        status = RolloutStatus(version, plan)
+        connect_without_prompt(robot, write_calibration=args.write_calibration)
+        stack.callback(disconnect_quietly, robot)
+        envelope = SafetyEnvelope(envelope_spec(arm_limits(robot), config.safety, fps, config.robot_type))
+        enveloped = EnvelopedRobot(robot, envelope)
+        leader = leader_envelope = None
+        if args.dagger:
+            leader = make_leader(config.leader, config.record.read_retries)
+            connect_without_prompt(leader, write_calibration=args.write_calibration)
+            stack.callback(disconnect_quietly, leader)
+            leader_envelope = SafetyEnvelope(envelope_spec(arm_limits(leader), config.safety, fps, config.robot_type))
+        takeover = Takeover(leader, leader_envelope, enveloped.keys,
+                            environment.operator_hands if environment is not None else None)
+        status = RolloutStatus(version, plan, takeover)
         # Started well before the loop goes real-time: libzmq aborts (thread.cpp:315, EINVAL) when its I/O threads
         # were made SCHED_FIFO|SCHED_RESET_ON_FORK before they applied their own scheduling at startup.
         control = start_control_server(args.control or config.control_address, CONTROL_COMMANDS, status.control_handler(estop))
         if control is not None:
             stack.callback(control.close)
-        connect_without_prompt(robot, write_calibration=args.write_calibration)
-        stack.callback(disconnect_quietly, robot)
-        envelope = SafetyEnvelope(envelope_spec(follower_limits(robot), config.safety, fps, config.robot_type))
-        enveloped = EnvelopedRobot(robot, envelope)
         with polling():
             observation = enveloped.get_observation()
         warm_s = warm_up(bundle, observation, features, args.task, robot.robot_type, args.device)
         source = make_source(config.rollout.inference, bundle, enveloped, features, args.task, fps, args.device)
         print(f"zk0 rollout: policy {version} ({config.rollout.inference} inference, warm-up {warm_s:.2f} s), "
               f"{args.episodes} episode(s) of {plan.episode_time_s:g} s at {fps} fps", flush=True)
-        summary = Rollout(enveloped, source, plan, estop, environment, store, status).run()
+        summary = Rollout(enveloped, source, plan, estop, environment, store, status, takeover).run()
         print_summary(summary)
         if args.report:
             args.report.write_text(json.dumps({"policy": version, "inference": config.rollout.inference, "fps": fps,
@@ -162,8 +188,8 @@ def _rollout(config, args: argparse.Namespace) -> int:
 class RolloutStatus:
     """What `zk0ctl status` reports; fed about once a second by the loop."""
 
-    def __init__(self, policy: str, plan) -> None:
-        self._policy, self._plan = policy, plan
+    def __init__(self, policy: str, plan, takeover) -> None:
+        self._policy, self._plan, self._takeover = policy, plan, takeover
         self.episode: int | None = None
         self.ticks = 0
         self.mode = "starting"
@@ -177,8 +203,11 @@ class RolloutStatus:
                 return lease.busy_reply(request, "rollout in progress")
             if request.command == "estop":
                 estop.request("zk0ctl")
+            if request.command in VERBS:
+                self._takeover.request(request.command)  # ValueError (the reply's error) when it does not apply now
             return {"accepted": request.command, "state": "rollout", "policy": self._policy, "task": self._plan.task,
-                    "episode": self.episode, "ticks": self.ticks, "mode": self.mode}
+                    "episode": self.episode, "ticks": self.ticks, "mode": self.mode,
+                    "phase": self._takeover.phase.value, "leader": self._takeover.leader is not None}
 
         return handle
 
@@ -192,4 +221,5 @@ def print_summary(summary) -> None:
         print(f"  episode {report.index}: {timing.ticks} ticks, {on_time:.2%} on time, jitter p50 {timing.jitter_p50_ms:.2f} / "
               f"p99 {timing.jitter_p99_ms:.2f} ms, inference p50 {report.inference_ms[0]:.1f} / p99 {report.inference_ms[1]:.1f} ms, "
               f"interventions {report.intervened_ticks} ticks ({kinds}), held {report.held_ticks} ticks, "
+              f"corrected {report.corrected_ticks} ticks, "
               f"ended: {report.ended}{verdict}")

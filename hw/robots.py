@@ -192,9 +192,9 @@ def _close_quietly(device: Robot | Teleoperator) -> None:
         device.bus.port_handler.closePort()
 
 
-def follower_limits(robot: Robot) -> JointLimits:
-    """Calibrated joint limits of the follower, in its action order."""
-    return limits_from_calibration(robot.calibration, {name: motor.norm_mode for name, motor in robot.bus.motors.items()})
+def arm_limits(arm: Robot | Teleoperator) -> JointLimits:
+    """Calibrated joint limits of a follower or leader arm, in its action order."""
+    return limits_from_calibration(arm.calibration, {name: motor.norm_mode for name, motor in arm.bus.motors.items()})
 
 
 def calibration_hash(arms: Sequence[ArmConfig]) -> str:

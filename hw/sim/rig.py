@@ -78,7 +78,8 @@ class Rig:
         write_calibration_file(config.calibration_dir, LEADER_ID, "leader")
         self._lock = threading.Lock()
         self._operator: ScriptedOperator | None = None
-        self._operator_t0: float | None = None
+        self._operator_t0: float | None = None  # when the operator's clock read 0; None while it is stopped
+        self._operator_elapsed = 0.0  # the operator's clock when it was last stopped
         self.follower_server = PtyBusServer(self.follower, config.link)
         self.leader_server = PtyBusServer(self.leader, config.link)
         self.cameras = CameraPublisher(config.cameras)
@@ -153,12 +154,13 @@ class Rig:
             self.world.step(ticks_to_joints(self.follower.positions(), self._calibration["follower"]), 0.0)
             self._operator = ScriptedOperator(self.world.task, seed, robot=self.config.robot)
             self._operator_t0 = None
+            self._operator_elapsed = 0.0
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             state = self.world.snapshot()
             if self._operator is not None:
-                t = 0.0 if self._operator_t0 is None else time.monotonic() - self._operator_t0
+                t = self._operator_elapsed if self._operator_t0 is None else time.monotonic() - self._operator_t0
                 state["operator"] = {"running": self._operator_t0 is not None, "phase": self._operator.phase,
                                      "done": bool(self._operator.done(t, self.world)), "t": round(t, 3)}
             return state
@@ -168,12 +170,17 @@ class Rig:
         if command == "reset":
             self.reset(str(request["task"]), int(request.get("seed", 0)))
             return {"ok": True, "snapshot": self.snapshot()}
+        # Stopping pauses the operator's clock and starting continues it, so an operator who hands the arm back
+        # to a policy mid-episode (DAgger) picks up the plan where they left it; `reset` starts a fresh plan.
         if command == "start_operator":
             with self._lock:
-                self._operator_t0 = time.monotonic()
+                if self._operator_t0 is None:
+                    self._operator_t0 = time.monotonic() - self._operator_elapsed
             return {"ok": True}
         if command == "stop_operator":
             with self._lock:
+                if self._operator_t0 is not None:
+                    self._operator_elapsed = time.monotonic() - self._operator_t0
                 self._operator_t0 = None
             return {"ok": True}
         if command == "snapshot":

@@ -178,12 +178,18 @@ def test_bad_actions_never_leave_the_envelope_and_are_flagged(value: float) -> N
     assert meta.policy == "v1@cafe" and meta.length == len(store.frames) and meta.interventions > 0
 
 
-def test_control_api_estop_and_lease_refusal() -> None:
+def test_control_api_takeover_estop_and_lease_refusal() -> None:
+    from zk0.agent.dagger import Takeover
     from zk0.agent.rollout_cli import RolloutStatus
 
-    estop = Estop()
-    handle = RolloutStatus("v1@cafe", SimpleNamespace(task="t")).control_handler(estop)
+    estop, takeover = Estop(), Takeover()
+    handle = RolloutStatus("v1@cafe", SimpleNamespace(task="t"), takeover).control_handler(estop)
     assert handle(Request("status"))["policy"] == "v1@cafe" and estop.requested_at is None
+    assert handle(Request("pause"))["phase"] == "autonomous"  # asked for; the loop applies it at its next tick
+    takeover.apply_requested()
+    with pytest.raises(ValueError, match="--dagger"):  # the control server turns this into an error reply
+        handle(Request("correct"))
+    assert handle(Request("status"))["phase"] == "paused" and handle(Request("status"))["leader"] is False
     assert handle(Request("estop"))["accepted"] == "estop" and estop.source == "zk0ctl"
     refusal = handle(Request("lease", SimpleNamespace(purpose="train", ttl_s=30, holder="n")))
     assert refusal["granted"] is False and "rollout" in refusal["reason"]

@@ -5,6 +5,8 @@ from the policy store, the bus trace (what the simulated servos actually receive
 - A checkpoint whose action head is NaN (sync engine) or scaled by 1e3 (RTC engine): every goal on the bus is
   inside the calibrated limits and every step inside the envelope's bound; the interventions are reported.
 - `zk0ctl estop`: the arm holds at once and goes limp estop_hold_s later.
+- DAgger with --dagger: `zk0ctl pause` holds the arm and drives the leader to it, `zk0ctl correct` hands the arm to
+  the leader (the scripted operator finishes the task), the recorded frames carry the intervention flag.
 - The watchdog against a stalling inference engine (in-process, real rig and bus): hold within 200 ms of the
   last action, torque off after 1 s, measured on the bus.
 """
@@ -177,6 +179,54 @@ def test_estop_from_zk0ctl_holds_then_cuts_torque(policies, tmp_path: Path) -> N
     assert times.max() < off
 
 
+def test_dagger_operator_takes_over_with_the_leader_and_the_frames_say_so(policies, tmp_path: Path) -> None:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from zk0.agent.ctl import main as zk0ctl
+    from zk0.agent.dataset_store import read_commit
+
+    address, datasets = f"ipc://{tmp_path}/ctl.sock", tmp_path / "datasets"
+    process = subprocess.Popen([sys.executable, "-m", "zk0.cli", *rollout_args(
+        tmp_path, str(policies["checkpoint"]), "--dagger", "--episode-time-s", "30", "--record", "dagger",
+        "--root", str(datasets))], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not _policy_driving(address):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=60)[0]
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert zk0ctl(["correct", "--address", address]) == 2  # refused: the policy drives, pause first
+        paused_at = time.time()
+        assert zk0ctl(["pause", "--address", address]) == 0
+        time.sleep(1.0)
+        corrected_at = time.time()
+        assert zk0ctl(["correct", "--address", address]) == 0
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+    assert process.returncode == 0, output
+    report = next(line for line in output.splitlines() if line.strip().startswith("episode 0"))
+    assert "success=True" in report, report  # the scripted operator finished the task from where the policy left it
+    corrected = int(report.split("corrected ")[1].split()[0])
+    assert corrected >= 20 * FPS - 30, report  # from the correction to the end of the 30 s episode
+    episode = read_commit(datasets / "dagger").episodes[0]
+    assert episode.success
+    flags = LeRobotDataset("local/dagger", root=datasets / "dagger").hf_dataset["intervention"]
+    flags = np.array([bool(np.asarray(f).item()) for f in flags])
+    # The policy's own frames first (some flagged where the envelope clamped them), the takeover to the end.
+    assert not flags[:-corrected].all() and flags[-corrected:].all() and episode.interventions >= corrected
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    leader = [r for r in trace if r["arm"] == "leader" and r["t"] > paused_at - 0.1]
+    torque = [(r["t"], r["value"]) for r in leader if r["register"] == "Torque_Enable"]
+    assert torque[0][1] == 1 and torque[0][0] < corrected_at  # pause: the leader holds, driven to the follower
+    assert any(r["register"] == "Goal_Position" and r["t"] < corrected_at for r in leader)
+    assert any(value == 0 and t >= corrected_at - 0.1 for t, value in torque)  # correct: free for the hand
+    times, goals = follower_goals(tmp_path / "trace.jsonl")
+    assert_inside_envelope(goals)  # the jump from policy to leader pose went through the step bound
+
+
 def _policy_driving(address: str) -> bool:
     from zk0.agent.control import request
 
@@ -194,7 +244,7 @@ def test_watchdog_on_the_bus_holds_a_stalled_policy_then_cuts_torque(tmp_path: P
     from zk0.agent.rollout_guard import Estop
     from zk0.hw.config import ArmConfig, SafetySettings
     from zk0.hw.realtime import polling, realtime
-    from zk0.hw.robots import connect_without_prompt, disconnect_quietly, follower_limits, make_follower
+    from zk0.hw.robots import connect_without_prompt, disconnect_quietly, arm_limits, make_follower
     from zk0.hw.safety import SafetyEnvelope, envelope_spec
     from zk0.hw.sim.rig import RigHandle
     from tests.agent.test_rollout_engines import ScriptedEngine
@@ -206,7 +256,7 @@ def test_watchdog_on_the_bus_holds_a_stalled_policy_then_cuts_torque(tmp_path: P
         with realtime(20), polling():  # nice -20: a connect on a saturated test machine still meets lerobot's timeout
             connect_without_prompt(robot)
         try:
-            envelope = SafetyEnvelope(envelope_spec(follower_limits(robot), SafetySettings(), FPS))
+            envelope = SafetyEnvelope(envelope_spec(arm_limits(robot), SafetySettings(), FPS))
             plan = RolloutPlan(task=TASK, episodes=1, fps=FPS, episode_time_s=5.0, reset_time_s=0.0,
                                guard=RolloutSettings(watchdog_hold_s=0.2, watchdog_torque_off_s=1.0, estop_hold_s=0.5), policy="stall", calibration_hash="")
             summary = Rollout(EnvelopedRobot(robot, envelope), SyncSource(engine, dataset_features(robot)), plan,
