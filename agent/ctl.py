@@ -6,6 +6,7 @@
   zk0ctl estop                  emergency stop of a rollout: hold the arm now, torque off after the hold
   zk0ctl pause|resume           take the arm from a rollout's policy (it holds) and give it back
   zk0ctl correct|release        while paused: drive the arm with the leader (DAgger correction), and stop
+  zk0ctl verdict success|fail   the verdict of the validation episode on the robot (ends it)
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ import sys
 
 from zk0.agent.control import DEFAULT_CONTROL_ADDRESS, request
 
-COMMANDS = ("status", "save", "discard", "rerecord", "stop", "estop", "pause", "resume", "correct", "release")
+COMMANDS = ("status", "save", "discard", "rerecord", "stop", "estop", "pause", "resume", "correct", "release", "verdict")
+# The commands that take a value, and the argument it becomes.
+VALUE_ARGUMENT = {"verdict": "outcome"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zk0ctl", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("value", nargs="?", help="verdict: success or fail")
     parser.add_argument("--address", default=os.environ.get("ZK0_CONTROL_ADDRESS", DEFAULT_CONTROL_ADDRESS),
                         help="agent control address (default: $ZK0_CONTROL_ADDRESS or %(default)s)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the agent")
     args = parser.parse_args(argv)
+    if (args.value is None) == (args.command in VALUE_ARGUMENT):
+        parser.error(f"{args.command} takes a value" if args.value is None else f"{args.command} takes no value")
+    arguments = {VALUE_ARGUMENT[args.command]: args.value} if args.value is not None else None
     try:
-        reply = request(args.address, args.command, args.timeout)
+        reply = request(args.address, args.command, args.timeout, arguments)
     except TimeoutError as exc:
         print(f"zk0ctl: {exc}", file=sys.stderr)
         return 1

@@ -48,6 +48,7 @@ from zk0.hw.safety import SafeCommand, SafetyEnvelope
 INTERVENTION = "intervention"  # lerobot's DAgger feature name and layout, so its tools read these datasets
 TORQUE_OFF_RETRIES = 5  # per write, as lerobot's disconnect: one lost status packet must not leave a motor on
 TORQUE_OFF_ATTEMPTS = 3
+ENDED_ON_TIME, ENDED_BY_OPERATOR = "time", "operator"  # the episode ends that leave the arm under control
 logger = logging.getLogger(__name__)
 
 
@@ -87,6 +88,28 @@ class EnvelopedRobot(ThreadSafeRobot):
             self.inner.bus.disable_torque(num_retry=TORQUE_OFF_RETRIES)
 
 
+def cut_torque(robot: EnvelopedRobot, reason: str) -> None:
+    """Torque off, or HardwareLost when the bus refuses it again and again (the caller's disconnect, with its
+    own retries, is then the last resort)."""
+    logger.warning("torque off: %s", reason)
+    for attempt in range(1, TORQUE_OFF_ATTEMPTS + 1):
+        try:
+            with polling():
+                robot.disable_torque()
+            return
+        except TRANSIENT_HARDWARE_ERRORS as error:
+            if attempt == TORQUE_OFF_ATTEMPTS:
+                raise HardwareLost(f"torque off failed {attempt} times ({reason}): {error}") from error
+
+
+def finish_estop(robot: EnvelopedRobot, estop: Estop, hold_s: float) -> str:
+    """The estop's torque off for an arm that is not moving (the servos hold their last goal): `hold_s` after the
+    request. Returns the reason for the record, "estop"."""
+    time.sleep(max(0.0, estop.requested_at + hold_s - time.perf_counter()))
+    cut_torque(robot, "estop")
+    return "estop"
+
+
 @dataclass(frozen=True)
 class RolloutPlan:
     task: str
@@ -114,7 +137,7 @@ class EpisodeReport:
     intervened_ticks: int  # ticks whose target was not the policy's own (envelope, hold or operator)
     held_ticks: int  # the watchdog's or estop's holds
     corrected_ticks: int  # ticks the operator drove the follower with the leader (DAgger correction)
-    ended: str  # "time", or why the guard took the arm
+    ended: str  # ENDED_ON_TIME, ENDED_BY_OPERATOR, or why the guard took the arm
     inference_ms: tuple[float, float]  # p50, p99 of the policy's latencies during the episode
 
 
@@ -127,9 +150,12 @@ class RolloutSummary:
 class Rollout:
     def __init__(self, robot: EnvelopedRobot, source: ActionSource, plan: RolloutPlan, estop: Estop,
                  environment: EpisodeEnvironment | None = None, store: EpisodeStore | None = None,
-                 progress: Callable[[int, int, Mode], object] | None = None, takeover: Takeover | None = None) -> None:
+                 progress: Callable[[int, int, Mode], object] | None = None, takeover: Takeover | None = None,
+                 episode_over: Callable[[], bool] | None = None) -> None:
+        """`episode_over`: asked every tick; True ends the episode early (an operator's verdict came in)."""
         self.robot = robot
         self.takeover = takeover or Takeover()
+        self._episode_over = episode_over
         self.source = source
         self.plan = plan
         self.estop = estop
@@ -149,7 +175,7 @@ class Rollout:
                         break
                     report = self._episode(index)
                     summary.episodes.append(report)
-                    if report.ended != "time":
+                    if report.ended not in (ENDED_ON_TIME, ENDED_BY_OPERATOR):
                         summary.stopped = report.ended
                         break
                     if self.estop.requested_at is None and index + 1 < self.plan.episodes:
@@ -164,23 +190,7 @@ class Rollout:
         return summary
 
     def _finish_estop(self) -> str:
-        """The estop's torque off for an arm that is not moving (the servos hold their last goal)."""
-        time.sleep(max(0.0, self.estop.requested_at + self.plan.guard.estop_hold_s - time.perf_counter()))
-        self._cut_torque("estop")
-        return "estop"
-
-    def _cut_torque(self, reason: str) -> None:
-        """Torque off, or HardwareLost when the bus refuses it again and again (the caller's disconnect, with its
-        own retries, is then the last resort)."""
-        logger.warning("torque off: %s", reason)
-        for attempt in range(1, TORQUE_OFF_ATTEMPTS + 1):
-            try:
-                with polling():
-                    self.robot.disable_torque()
-                return
-            except TRANSIENT_HARDWARE_ERRORS as error:
-                if attempt == TORQUE_OFF_ATTEMPTS:
-                    raise HardwareLost(f"torque off failed {attempt} times ({reason}): {error}") from error
+        return finish_estop(self.robot, self.estop, self.plan.guard.estop_hold_s)
 
     def _episode(self, index: int) -> EpisodeReport:
         store_index = self.store.num_episodes if self.store else index
@@ -231,8 +241,11 @@ class Rollout:
         deadline, last_action_at, next_progress = first, first, first + 1.0
         state, hold_target, goal = GuardState(), None, None
         n = failed = failed_in_row = intervened = held = corrected = 0
-        ended = "time"
+        ended = ENDED_ON_TIME
         while deadline - first < plan.episode_time_s - 1e-9 and n < n_max:
+            if self._episode_over is not None and self._episode_over():
+                ended = ENDED_BY_OPERATOR
+                break
             self.estop.sleep(deadline - time.perf_counter())
             start = time.perf_counter()
             deadline = min(deadline, start)  # woken early by an estop: an unscheduled tick, not a late one
@@ -249,7 +262,7 @@ class Rollout:
                 state = guard_step(state, now, last_action_at, self.estop.requested_at, plan.guard)
                 if state.mode is Mode.TORQUE_OFF:
                     ended = state.reason or "torque off"
-                    self._cut_torque(ended)
+                    cut_torque(self.robot, ended)
                     break
                 hold_target = (hold_target if hold_target is not None else self.robot.present) if state.mode is Mode.HOLD else None
                 wanted = hold_target if hold_target is not None else action
@@ -267,7 +280,7 @@ class Rollout:
                 state = guard_step(state, time.perf_counter(), last_action_at, self.estop.requested_at, plan.guard)
                 if state.mode is Mode.TORQUE_OFF:
                     ended = state.reason or "torque off"
-                    self._cut_torque(ended)
+                    cut_torque(self.robot, ended)
                     break
                 failed += 1
                 failed_in_row += 1

@@ -105,15 +105,11 @@ def _rollout(config, args: argparse.Namespace) -> int:
     from zk0.agent.dataset_store import DatasetIdentity, EncodingSettings
     from zk0.agent.policy_store import resolve_policy
     from zk0.agent.record_cli import _start_sim
-    from zk0.agent.rollout import EnvelopedRobot, Rollout, RolloutPlan, rollout_features
+    from zk0.agent.rollout import Rollout, rollout_features
     from zk0.agent.rollout_engines import make_source, warm_up
-    from zk0.agent.rollout_guard import Estop
     from zk0.agent.writer_process import WriterProcess
     from zk0.hw.realtime import polling
-    from zk0.hw.robots import (
-        arm_limits, calibration_hash, connect_without_prompt, disconnect_quietly, make_follower, make_leader,
-    )
-    from zk0.hw.safety import SafetyEnvelope, envelope_spec
+    from zk0.hw.robots import calibration_hash, connect_without_prompt, disconnect_quietly, make_follower, make_leader
     from zk0.learn.checkpoint import load_checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -139,26 +135,16 @@ def _rollout(config, args: argparse.Namespace) -> int:
         path = Path(resolve_policy(args.policy, store_root))  # a store version's checkpoint is named after it
         bundle, meta = load_checkpoint(path, device=args.device)
         version = f"{path.name}@{meta.sha256[:12]}"
-        estop = Estop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda num, _: estop.request(signal.Signals(num).name))
-        plan = RolloutPlan(
-            task=args.task, episodes=args.episodes, fps=fps, episode_time_s=config.record.episode_time_s,
-            reset_time_s=0.0 if args.sim else config.record.reset_time_s,
-            guard=config.rollout,
-            policy=version, calibration_hash=cal_hash, min_rate_fraction=config.record.min_rate_fraction,
-            max_failed_ticks_in_row=config.record.max_failed_ticks_in_row, realtime_priority=config.record.realtime_priority,
-        )
-        connect_without_prompt(robot, write_calibration=args.write_calibration)
-        stack.callback(disconnect_quietly, robot)
-        envelope = SafetyEnvelope(envelope_spec(arm_limits(robot), config.safety, fps, config.robot_type))
-        enveloped = EnvelopedRobot(robot, envelope)
+        estop = estop_on_signals()
+        plan = rollout_plan(config, args.task, args.episodes, config.record.episode_time_s, version, cal_hash,
+                            reset_time_s=0.0 if args.sim else config.record.reset_time_s)
+        enveloped = connect_enveloped(robot, config, stack, args.write_calibration)
         leader = leader_envelope = None
         if args.dagger:
             leader = make_leader(config.leader, config.record.read_retries)
             connect_without_prompt(leader, write_calibration=args.write_calibration)
             stack.callback(disconnect_quietly, leader)
-            leader_envelope = SafetyEnvelope(envelope_spec(arm_limits(leader), config.safety, fps, config.robot_type))
+            leader_envelope = envelope_for(leader, config)
         takeover = Takeover(leader, leader_envelope, enveloped.keys,
                             environment.operator_hands if environment is not None else None)
         status = RolloutStatus(version, plan, takeover)
@@ -183,6 +169,48 @@ def _rollout(config, args: argparse.Namespace) -> int:
             return 0
         print(f"zk0 rollout: stopped: {summary.stopped}", file=sys.stderr)
         return 3 if estop.requested_at is not None else 1
+
+
+def estop_on_signals():
+    """An Estop that SIGINT and SIGTERM request from now on."""
+    from zk0.agent.rollout_guard import Estop
+
+    estop = Estop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda num, _: estop.request(signal.Signals(num).name))
+    return estop
+
+
+def envelope_for(arm, config):
+    """The config's safety envelope on a connected arm's calibrated limits."""
+    from zk0.hw.robots import arm_limits
+    from zk0.hw.safety import SafetyEnvelope, envelope_spec
+
+    return SafetyEnvelope(envelope_spec(arm_limits(arm), config.safety, config.record.fps, config.robot_type))
+
+
+def connect_enveloped(robot, config, stack: ExitStack, write_calibration: bool):
+    """Connect the follower (refusing a calibration the motors disagree with, unless `write_calibration`), disconnect
+    it when `stack` closes, and wrap it so every target passes the envelope."""
+    from zk0.agent.rollout import EnvelopedRobot
+    from zk0.hw.robots import connect_without_prompt, disconnect_quietly
+
+    connect_without_prompt(robot, write_calibration=write_calibration)
+    stack.callback(disconnect_quietly, robot)
+    return EnvelopedRobot(robot, envelope_for(robot, config))
+
+
+def rollout_plan(config, task: str, episodes: int, episode_time_s: float, policy: str, calibration_hash: str,
+                 reset_time_s: float):
+    """The rollout loop's plan from the agent config."""
+    from zk0.agent.rollout import RolloutPlan
+
+    return RolloutPlan(
+        task=task, episodes=episodes, fps=config.record.fps, episode_time_s=episode_time_s, reset_time_s=reset_time_s,
+        guard=config.rollout, policy=policy, calibration_hash=calibration_hash,
+        min_rate_fraction=config.record.min_rate_fraction, max_failed_ticks_in_row=config.record.max_failed_ticks_in_row,
+        realtime_priority=config.record.realtime_priority,
+    )
 
 
 class RolloutStatus:

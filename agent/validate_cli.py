@@ -1,12 +1,14 @@
 """`zk0 validate`: a candidate policy against another (the active one by default) on paired, seeded episodes.
 
-Both policies run the same (task, seed) episodes in the lock-step simulation (zk0.agent.lockstep), inside
-the safety envelope the config describes; the verdict is zk0.agent.validate's promotion rule, written with
-every episode's outcome to `--report DIR` (report.json, report.png). `--promote` applies a positive verdict
-through the policy store, naming the report as the reason.
+With --sim both policies run the same (task, seed) episodes in the lock-step simulation (zk0.agent.lockstep),
+inside the safety envelope the config describes. Without it they run on the config's robot and the operator
+gives each episode's verdict (zk0.agent.validate_robot). The verdict is zk0.agent.validate's promotion rule,
+written with every episode's outcome to `--report DIR` (report.json, report.png). `--promote` applies a
+positive verdict through the policy store, naming the report as the reason.
 
 Exit status: 0 the candidate may be promoted (and was, with --promote), 1 it may not, 2 the command could
-not run (bad arguments, unknown task, unloadable policy).
+not run (bad arguments, unknown task, unloadable policy), 3 stopped early (estop, watchdog, hardware; the
+pairs done so far are in the report).
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REAL_ROBOT_REFUSAL = ("zk0 validate: validation on the real robot (operator verdicts via `zk0ctl verdict`) needs "
-                      "the agent daemon, which is not built yet; run it in simulation with --sim")
+ROBOT_CONFIG = Path("/etc/zk0/agent.yaml")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,36 +31,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="candidate: a store version, 'active', 'previous', or a lerobot checkpoint directory")
     parser.add_argument("--against", default="active", metavar="REF", help="the policy to beat (default %(default)s)")
     parser.add_argument("--episodes", type=int, help="paired episodes (default: the config's validation.episodes)")
-    parser.add_argument("--sim", action="store_true", help="run the episodes in the lock-step simulation")
+    parser.add_argument("--sim", action="store_true",
+                        help="run the episodes in the lock-step simulation (default: on the robot, operator verdicts)")
     parser.add_argument("--task", action="append", default=[], metavar="T",
                         help="simulated task name or instruction (repeatable; default: the config's validation.tasks, "
                              "else the tasks of the config's federation datasets)")
     parser.add_argument("--report", required=True, type=Path, metavar="DIR", help="where report.json and report.png go")
     parser.add_argument("--promote", action="store_true", help="make the candidate active if the verdict allows it")
     parser.add_argument("--store", type=Path, metavar="DIR", help="policy store (default: the config's)")
-    parser.add_argument("--config", type=Path, metavar="F", help="agent config: validation, safety and fps settings")
+    parser.add_argument("--config", type=Path, metavar="F",
+                        help=f"agent config: validation, safety and fps settings; the robot (default {ROBOT_CONFIG} "
+                             "without --sim)")
     parser.add_argument("--device", default="cpu", help="torch device the policies run on (default %(default)s)")
+    parser.add_argument("--control", metavar="ADDRESS", help="without --sim: control API address for zk0ctl "
+                                                              "(default from config)")
+    parser.add_argument("--write-calibration", action="store_true",
+                        help="without --sim: write the calibration file into the motors when they disagree")
 
 
 def run(args: argparse.Namespace) -> int:
     from zk0.agent.config import ConfigError
     from zk0.agent.lockstep import policy_in_sim
     from zk0.agent.policy_store import PolicyStoreError
+    from zk0.hw.robots import CalibrationError
 
-    if not args.sim:
-        print(REAL_ROBOT_REFUSAL, file=sys.stderr)
-        return 2
+    if not args.sim and args.config is None:
+        args.config = ROBOT_CONFIG
     try:
         setup = _setup(args)
         policies = {role: _load(ref, setup.store, args.device) for role, ref in
                     (("candidate", args.policy), ("active", args.against))}
         if args.promote:
             _check_promotable(policies, setup.store)
-        runners = {role: policy_in_sim(p.bundle, setup.fps, setup.robot, args.device) for role, p in policies.items()}
-    except (ConfigError, PolicyStoreError, ValueError, FileNotFoundError) as error:
+        runners = {role: policy_in_sim(p.bundle, setup.fps, setup.robot, args.device)
+                   for role, p in policies.items()} if args.sim else None
+        started = time.monotonic()
+        outcomes, stopped = (_sim_outcomes(setup, runners), None) if args.sim else _robot_outcomes(args, setup, policies)
+    except (ConfigError, PolicyStoreError, ValueError, FileNotFoundError, CalibrationError) as error:
         print(f"zk0 validate: {error}", file=sys.stderr)
         return 2
-    return _validate(args, setup, policies, runners)
+    except (ConnectionError, TimeoutError) as error:
+        print(f"zk0 validate: hardware error, stopped: {error}", file=sys.stderr)
+        return 3
+    return _conclude(args, setup, policies, outcomes, stopped, started)
+
+
+def _robot_outcomes(args: argparse.Namespace, setup: Setup, policies: dict[str, LoadedPolicy]):
+    from zk0.agent.config import load_config
+    from zk0.agent.validate_robot import robot_outcomes
+
+    config = load_config(args.config, check_devices=True)
+    print(f"zk0 validate: {len(policies)} policies on {setup.episodes} paired episodes on the robot; the console does "
+          "not say which policy runs", flush=True)
+    return robot_outcomes(config, setup, policies, args.control, args.write_calibration, args.device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +100,14 @@ class Setup:
     store: Path | None
     config_path: str | None
     host: str  # the config's host_id, else the machine's name
+    simulated: bool
 
     def settings(self) -> dict[str, Any]:
         """The report's record of how the episodes ran."""
         return {"robot": self.robot, "fps": self.fps, "max_episode_s": self.max_episode_s,
-                "safety": dataclasses.asdict(self.safety), "config": self.config_path, "simulation": "lock-step",
+                "safety": dataclasses.asdict(self.safety), "config": self.config_path,
+                "simulation": "lock-step" if self.simulated else None,
+                "verdicts": "success predicate" if self.simulated else "operator (zk0ctl verdict)",
                 "promotion_margin": self.margin}
 
 
@@ -102,10 +129,11 @@ def _setup(args: argparse.Namespace) -> Setup:
         raise ConfigError("no tasks to validate on: name them with --task or the config's validation.tasks")
     return Setup(
         robot=config.robot_type if config else "so101", fps=config.record.fps if config else 30, episodes=episodes,
-        tasks=sim_tasks(names), margin=validation.promotion_margin, max_episode_s=validation.max_episode_s,
+        tasks=sim_tasks(names) if args.sim else list(dict.fromkeys(names)), margin=validation.promotion_margin,
+        max_episode_s=validation.max_episode_s,
         safety=config.safety if config else SafetySettings(), store=store,
         config_path=str(args.config.resolve()) if args.config else None,
-        host=config.host_id if config else socket.gethostname(),
+        host=config.host_id if config else socket.gethostname(), simulated=args.sim,
     )
 
 
@@ -145,6 +173,10 @@ class LoadedPolicy:
     bundle: Any  # zk0.learn.policy.PolicyBundle
     meta: Any  # zk0.learn.checkpoint.CheckpointMeta
 
+    def label(self) -> str:
+        """How a rollout names these weights: checkpoint folder @ SHA-256 prefix."""
+        return f"{self.path.name}@{self.meta.sha256[:12]}"
+
     def describe(self) -> dict[str, Any]:
         """What the report records: which weights these were (SHA-256 of model.safetensors, and for a store
         version the SHA-256 of its trainable tensors and base in `extra`) and where they came from."""
@@ -176,11 +208,10 @@ def _check_promotable(policies: dict[str, LoadedPolicy], store: Path) -> None:
                          f"not {policies['active'].ref}")
 
 
-def _validate(args: argparse.Namespace, setup: Setup, policies: dict[str, LoadedPolicy],
-              runners: dict[str, tuple[Any, Any]]) -> int:
-    """Run the paired episodes (progress: one line per pair), write the report, apply --promote."""
+def _sim_outcomes(setup: Setup, runners: dict[str, tuple[Any, Any]]) -> dict[str, list]:
+    """Run the paired episodes in lock-step (progress: one line per pair)."""
     from zk0.agent.lockstep import run_episode
-    from zk0.agent.validate import build_report, episode_plan, write_report
+    from zk0.agent.validate import episode_plan
     from zk0.hw.safety import SafetyEnvelope, envelope_spec
     from zk0.hw.sim.lockstep import follower_limits
 
@@ -188,7 +219,6 @@ def _validate(args: argparse.Namespace, setup: Setup, policies: dict[str, Loaded
     plan = episode_plan(setup.tasks, setup.episodes)
     max_ticks = int(round(setup.max_episode_s * setup.fps))
     outcomes: dict[str, list] = {role: [] for role in runners}
-    started = time.monotonic()
     for index, (task, seed) in enumerate(plan):
         pair_started = time.monotonic()
         for role, (sim, controller) in runners.items():
@@ -196,13 +226,24 @@ def _validate(args: argparse.Namespace, setup: Setup, policies: dict[str, Loaded
         print(f"pair {index + 1}/{len(plan)} {task} seed {seed}: "
               + " | ".join(f"{role} {_brief(runs[-1], setup.fps)}" for role, runs in outcomes.items())
               + f" [{time.monotonic() - pair_started:.1f} s]", flush=True)
+    return outcomes
+
+
+def _conclude(args: argparse.Namespace, setup: Setup, policies: dict[str, LoadedPolicy], outcomes: dict[str, list],
+              stopped: str | None, started: float) -> int:
+    """Write the report of the pairs that ran and apply --promote; a session stopped early never promotes."""
+    from zk0.agent.validate import build_report, write_report
+
     report = build_report(policies={role: p.describe() for role, p in policies.items()}, outcomes=outcomes,
                           tasks=setup.tasks, margin=setup.margin, settings=setup.settings(),
                           elapsed_s=time.monotonic() - started)
     report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     report["host"] = setup.host
-    json_path, _ = write_report(args.report, report)
     verdict = report["verdict"]
+    if stopped is not None:
+        verdict.update(promote=False, reason=f"stopped ({stopped}) after {len(outcomes['candidate'])} of "
+                                             f"{setup.episodes} pairs; not promoted")
+    json_path, _ = write_report(args.report, report)
     if args.promote and verdict["promote"]:
         from zk0.agent.policy_store import PolicyStore, PolicyStoreError
 
@@ -216,6 +257,8 @@ def _validate(args: argparse.Namespace, setup: Setup, policies: dict[str, Loaded
         write_report(args.report, report)
     action = "promoted" if verdict["promoted"] else ("may be promoted" if verdict["promote"] else "not promoted")
     print(f"verdict: {args.policy} {action}: {verdict['reason']}\nreport: {json_path}")
+    if stopped is not None:
+        return 3
     return 0 if verdict["promote"] else 1
 
 

@@ -41,10 +41,14 @@ def _args(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **overrides})
 
 
-def test_without_sim_it_refuses_in_one_line(capsys):
-    assert validate_cli.run(_args(sim=False)) == 2
+def test_on_the_robot_it_needs_the_robots_config_and_keeps_free_text_tasks(capsys, tmp_path):
+    assert validate_cli.run(_args(sim=False, task=["wipe the table"])) == 2  # the default /etc/zk0/agent.yaml is absent
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "real robot" in err and "--sim" in err
+    assert err.count("\n") == 1 and str(validate_cli.ROBOT_CONFIG) in err
+    path = tmp_path / "agent.yaml"
+    path.write_text((REPO / "configs" / "agent.yaml").read_text())
+    setup = validate_cli._setup(_args(sim=False, config=path, task=["wipe the table", "wipe the table"]))
+    assert setup.tasks == ["wipe the table"] and setup.settings()["verdicts"].startswith("operator")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -72,13 +76,13 @@ def test_tasks_come_from_the_option_then_the_config_then_the_federation_datasets
                             "policy_store": str(tmp_path / "store")}
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(config))
-    setup = validate_cli._setup(_args(config=path, task=[]))
+    setup = validate_cli._setup(_args(sim=True, config=path, task=[]))
     assert setup.tasks == ["push_green_right", "pick_place_red"] and setup.store == tmp_path / "store"
     assert setup.host == config["host_id"] and setup.episodes == 20 and setup.max_episode_s == 20.0
     config["validation"] = {"tasks": ["push the blue cube left"], "episodes": 4}
     path.write_text(yaml.safe_dump(config))
-    assert validate_cli._setup(_args(config=path, task=[])).tasks == ["push_blue_left"]
-    setup = validate_cli._setup(_args(config=path, task=["pick_place_green", "pick the green cube and place it in the bin"]))
+    assert validate_cli._setup(_args(sim=True, config=path, task=[])).tasks == ["push_blue_left"]
+    setup = validate_cli._setup(_args(sim=True, config=path, task=["pick_place_green", "pick the green cube and place it in the bin"]))
     assert (setup.tasks, setup.episodes) == (["pick_place_green"], 4)
 
 

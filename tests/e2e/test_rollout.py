@@ -5,6 +5,8 @@ from the policy store, the bus trace (what the simulated servos actually receive
 - A checkpoint whose action head is NaN (sync engine) or scaled by 1e3 (RTC engine): every goal on the bus is
   inside the calibrated limits and every step inside the envelope's bound; the interventions are reported.
 - `zk0ctl estop`: the arm holds at once and goes limp estop_hold_s later.
+- `zk0 validate` on the robot (the rig through a config naming its ports, no --sim): the operator's verdicts from
+  `zk0ctl verdict` end or conclude each episode and land in the report under the right policy.
 - DAgger with --dagger: `zk0ctl pause` holds the arm and drives the leader to it, `zk0ctl correct` hands the arm to
   the leader (the scripted operator finishes the task), the recorded frames carry the intervention flag.
 - The watchdog against a stalling inference engine (in-process, real rig and bus): hold within 200 ms of the
@@ -225,6 +227,73 @@ def test_dagger_operator_takes_over_with_the_leader_and_the_frames_say_so(polici
     assert any(value == 0 and t >= corrected_at - 0.1 for t, value in torque)  # correct: free for the hand
     times, goals = follower_goals(tmp_path / "trace.jsonl")
     assert_inside_envelope(goals)  # the jump from policy to leader pose went through the step bound
+
+
+def test_validate_on_the_robot_takes_the_operators_verdicts(policies, tmp_path: Path) -> None:
+    import yaml
+
+    from zk0.agent.ctl import main as zk0ctl
+    from zk0.agent.validate import VALIDATION_SEED_BASE
+    from zk0.agent.validate_robot import pair_order
+    from zk0.hw.sim.rig import RigHandle
+
+    address, report_dir = f"ipc://{tmp_path}/ctl.sock", tmp_path / "report"
+    with RigHandle.start(calibration_dir=tmp_path / "calibration", width=640, height=480) as rig:
+        config = yaml.safe_load(CONFIG.read_text())
+        config["follower"] = {"port": rig.follower_port, "id": rig.info["follower_id"], "calibration_dir": str(rig.calibration_dir)}
+        config["leader"] = {"port": rig.leader_port, "id": rig.info["leader_id"], "calibration_dir": str(rig.calibration_dir)}
+        config["cameras"] = [{"name": name, "type": "zmq", "width": cam.width, "height": cam.height, "fps": cam.fps,
+                              "host": cam.server_address, "port": cam.port} for name, cam in rig.camera_configs().items()]
+        config["record"]["reset_time_s"] = 0.5
+        config["validation"] = {"max_episode_s": 3.0, "tasks": ["pick up the red cube, put it in the bin"]}
+        (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
+        process = subprocess.Popen([sys.executable, "-m", "zk0.cli", "validate", "--config", str(tmp_path / "agent.yaml"),
+                                    "--policy", str(policies["checkpoint"]), "--against", str(policies["x1e3"]),
+                                    "--episodes", "2", "--report", str(report_dir), "--control", address],
+                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # (pair, episode in pair) -> the verdict, and whether the operator gives it during the episode or after
+        plan = {(1, 1): ("success", "episode"), (1, 2): ("fail", "verdict"), (2, 1): ("fail", "episode"),
+                (2, 2): ("success", "verdict")}
+        try:
+            deadline = time.monotonic() + 600
+            while plan:
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=60)[0]
+                status = _status(address)
+                key = (status.get("pair"), status.get("episode_in_pair"))
+                if status.get("step") == "reset" and key == (1, 1):
+                    assert zk0ctl(["verdict", "success", "--address", address]) == 2  # no episode waits for one
+                if key in plan and status.get("step") == plan[key][1] and (status["step"] != "episode" or status["ticks"]):
+                    assert zk0ctl(["verdict", "maybe", "--address", address]) == 2  # refused, nothing recorded
+                    assert zk0ctl(["verdict", plan.pop(key)[0], "--address", address]) == 0
+                time.sleep(0.2)
+            output, _ = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+    assert process.returncode in (0, 1), output
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["settings"]["verdicts"].startswith("operator") and report["settings"]["simulation"] is None
+    verdicts = {(1, 1): True, (1, 2): False, (2, 1): False, (2, 2): True}
+    for pair in report["pairs"]:
+        order = pair_order(VALIDATION_SEED_BASE + pair["index"])
+        for number, role in enumerate(order, start=1):
+            outcome = pair[role]
+            assert outcome["success"] is verdicts[(pair["index"] + 1, number)], (pair, order)
+            ended_early = number == 1  # the first episode of each pair got its verdict while running
+            assert (outcome["ticks"] < 3 * FPS - 5) is ended_early, outcome
+            assert (outcome["time_to_success_s"] is not None) is (ended_early and outcome["success"]), outcome
+    assert report["verdict"]["promote"] is (process.returncode == 0)
+    assert (report_dir / "report.png").stat().st_size > 0
+
+
+def _status(address: str) -> dict:
+    from zk0.agent.control import request
+
+    try:
+        return request(address, "status", timeout_s=0.5)
+    except TimeoutError:
+        return {}
 
 
 def _policy_driving(address: str) -> bool:
