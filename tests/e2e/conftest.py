@@ -4,6 +4,7 @@ per session with `zk0 record --sim` (different tasks), and a server config small
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,10 @@ nodes: {round_timeout_s: 600}
 """
 
 
-def run_zk0(*args: str, timeout: float) -> subprocess.CompletedProcess:
+def run_zk0(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`zk0 ARGS` in a subprocess; `env` adds to (or overrides) this process's environment."""
     return subprocess.run([sys.executable, "-m", "zk0.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")
