@@ -111,31 +111,38 @@ class TickTiming:
     """How well a phase kept its schedule."""
 
     ticks: int
-    on_time_fraction: float  # of all ticks (failed ones included), those that finished within one period of their deadline
+    # Of all scheduled slots (ticks run, failed and skipped), those whose tick finished within one period of its deadline.
+    on_time_fraction: float
     overruns: int
     failed: int  # ticks dropped because the hardware did not answer; not among `ticks`
     jitter_p50_ms: float
     jitter_p99_ms: float
     achieved_fps: float
+    skipped: int = 0  # slots that passed without a tick because one before ran late (the schedule moved on)
 
 
 def tick_timing(starts: np.ndarray, deadlines: np.ndarray, ends: np.ndarray, period_s: float, failed: int = 0) -> TickTiming:
     """Timing of completed ticks from their start times, scheduled deadlines and end times (seconds),
-    plus the number of `failed` ticks (which count as late)."""
+    plus the number of `failed` ticks (which count as late). A late tick moves the schedule instead of bursting
+    to catch up, so the slots it pushed past show as gaps of more than a period between deadlines: they count
+    as late too (failed ticks leave such gaps as well and are counted once)."""
     n = len(starts)
     if n == 0:
         return TickTiming(0, 0.0 if failed else 1.0, 0, failed, 0.0, 0.0, 0.0)
     jitter_ms = np.abs(starts - deadlines) * 1e3
     overran = (ends - deadlines) > period_s
+    gaps = np.diff(deadlines) / period_s
+    skipped = max(0, int(np.ceil(gaps - 1 - 1e-6).clip(min=0).sum()) - failed)
     span = starts[-1] - starts[0]
     return TickTiming(
         ticks=n,
-        on_time_fraction=float((n - overran.sum()) / (n + failed)),
+        on_time_fraction=float((n - overran.sum()) / (n + failed + skipped)),
         overruns=int(overran.sum()),
         failed=failed,
         jitter_p50_ms=float(np.percentile(jitter_ms, 50)),
         jitter_p99_ms=float(np.percentile(jitter_ms, 99)),
         achieved_fps=float((n - 1) / span) if span > 0 else 0.0,
+        skipped=skipped,
     )
 
 

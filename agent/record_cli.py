@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _record(config, args: argparse.Namespace) -> int:
-    from zk0.agent.dataset_store import DatasetError, DatasetIdentity, EncodingSettings, free_disk_mb
+    from zk0.agent.dataset_store import DatasetIdentity, EncodingSettings
     from zk0.agent.writer_process import WriterProcess
     from zk0.agent.control import start_control_server
     from zk0.agent.record import OperatorEvents, Recorder, RecordPlan, dataset_features
@@ -85,9 +85,7 @@ def _record(config, args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     root = config.datasets_root
-    root.mkdir(parents=True, exist_ok=True)
-    if free_disk_mb(root) < config.record.min_free_disk_mb:
-        raise DatasetError(f"{root}: less than {config.record.min_free_disk_mb} MB free; free some space first")
+    require_free_disk(root, config.record.min_free_disk_mb)
     with ExitStack() as stack:
         environment = None
         if args.sim:
@@ -102,6 +100,8 @@ def _record(config, args: argparse.Namespace) -> int:
                              queue_frames=int(config.record.encoder_buffer_s * config.record.fps)),
         )
         stack.callback(store.close)
+        if args.sim:
+            check_recording_seeds(args.seed, store.num_episodes, args.episodes)
         if repair and repair.removed:
             print(f"zk0 record: repaired {root / args.dataset}: removed {len(repair.removed)} leftovers of an interrupted session", file=sys.stderr)
         connect_without_prompt(leader, write_calibration=args.write_calibration)
@@ -137,6 +137,27 @@ def _record(config, args: argparse.Namespace) -> int:
                   f"{store.num_episodes} committed episodes are intact", file=sys.stderr)
             return 1
         return 3 if summary.stopped_for_disk else 0
+
+
+def require_free_disk(root: Path, min_free_disk_mb: float) -> None:
+    """Create the datasets root; DatasetError when it has less than `min_free_disk_mb` free."""
+    from zk0.agent.dataset_store import DatasetError, free_disk_mb
+
+    root.mkdir(parents=True, exist_ok=True)
+    if free_disk_mb(root) < min_free_disk_mb:
+        raise DatasetError(f"{root}: less than {min_free_disk_mb} MB free; free some space first")
+
+
+def check_recording_seeds(first_seed: int, recorded: int, episodes: int) -> None:
+    """ConfigError unless the scene seeds of the episodes to record (`first_seed` + episode index, after `recorded`
+    episodes) stay in [0, VALIDATION_SEED_BASE): validation must only ever see scenes no policy trained on."""
+    from zk0.agent.config import ConfigError
+    from zk0.agent.validate import VALIDATION_SEED_BASE
+
+    last = first_seed + recorded + episodes - 1
+    if first_seed < 0 or last >= VALIDATION_SEED_BASE:
+        raise ConfigError(f"--seed {first_seed}: these episodes would use scene seeds up to {last}; recording seeds "
+                          f"must stay in [0, {VALIDATION_SEED_BASE}), validation uses the seeds from there")
 
 
 def _start_sim(config, args, stack: ExitStack, bus_trace: Path | None = None):

@@ -2,8 +2,8 @@
 
 One tick: read the follower (joints + cameras), offer the observation to the policy (zk0.agent.rollout_engines),
 take its freshest action (waiting at most `action_wait_fraction` of the period), decide the mode with the
-watchdog/estop transition (zk0.agent.rollout_guard), and send: the action in RUN, the position held since the
-hold began in HOLD, torque off in TORQUE_OFF (which ends the rollout). Every target goes through
+watchdog/estop transition (zk0.agent.rollout_guard), and send: the action in RUN, in HOLD the joints where they
+were when the hold began and the gripper at its last goal (zk0.hw.safety.hold_target), torque off in TORQUE_OFF (which ends the rollout). Every target goes through
 `EnvelopedRobot`, lerobot's `ThreadSafeRobot` with zk0's envelope in `send_action`: it is the one path from
 the policy to the bus, and because it is the wrapper lerobot's own strategies and RTC engine send through
 (`HardwareContext.robot_wrapper`), it would keep the envelope between action and bus under lerobot's loops too.
@@ -43,7 +43,7 @@ from zk0.agent.dagger import Takeover
 from zk0.agent.rollout_engines import ActionSource
 from zk0.agent.rollout_guard import Estop, GuardState, Mode, guard_step
 from zk0.hw.realtime import polling, realtime, shorten_gil_slices
-from zk0.hw.safety import SafeCommand, SafetyEnvelope
+from zk0.hw.safety import SafeCommand, SafetyEnvelope, hold_target
 
 INTERVENTION = "intervention"  # lerobot's DAgger feature name and layout, so its tools read these datasets
 TORQUE_OFF_RETRIES = 5  # per write, as lerobot's disconnect: one lost status packet must not leave a motor on
@@ -239,7 +239,7 @@ class Rollout:
         starts, deadlines, ends = np.empty(n_max), np.empty(n_max), np.empty(n_max)
         first = time.perf_counter()
         deadline, last_action_at, next_progress = first, first, first + 1.0
-        state, hold_target, goal = GuardState(), None, None
+        state, held_at, goal = GuardState(), None, None
         n = failed = failed_in_row = intervened = held = corrected = 0
         ended = ENDED_ON_TIME
         while deadline - first < plan.episode_time_s - 1e-9 and n < n_max:
@@ -264,14 +264,17 @@ class Rollout:
                     ended = state.reason or "torque off"
                     cut_torque(self.robot, ended)
                     break
-                hold_target = (hold_target if hold_target is not None else self.robot.present) if state.mode is Mode.HOLD else None
-                wanted = hold_target if hold_target is not None else action
+                if state.mode is not Mode.HOLD:
+                    held_at = None
+                elif held_at is None:  # the target of the whole hold, fixed when it begins
+                    held_at = hold_target(self.robot.present, goal, self.robot.envelope.spec.limits.names)
+                wanted = held_at if held_at is not None else action
                 intervention = False
                 if wanted is not None:
                     with polling():
                         self.robot.send_action(dict(zip(self.robot.keys, wanted.tolist(), strict=True)))
                     goal = self.robot.last_command.target
-                    intervention = (hold_target is not None or phase is not DAggerPhase.AUTONOMOUS
+                    intervention = (held_at is not None or phase is not DAggerPhase.AUTONOMOUS
                                     or bool(self.robot.last_command.interventions))
                 elif goal is None:  # nothing sent yet this episode: the servos keep the position they have
                     goal, intervention = self.robot.present, True
@@ -290,8 +293,8 @@ class Rollout:
                 deadline = max(deadline + period, time.perf_counter())
                 continue
             failed_in_row = 0
-            held += hold_target is not None
-            corrected += hold_target is None and phase is DAggerPhase.CORRECTING
+            held += held_at is not None
+            corrected += held_at is None and phase is DAggerPhase.CORRECTING
             intervened += intervention
             if self.store:
                 self._add_frame(observation, goal, start - first, intervention)

@@ -21,7 +21,7 @@ from pathlib import Path
 from zk0.agent import lease
 from zk0.agent.control import Request
 from zk0.agent.dagger import VERBS
-from zk0.agent.record_cli import DEFAULT_CONFIG, SimEnvironment, sim_task_name
+from zk0.agent.record_cli import DEFAULT_CONFIG, SimEnvironment, require_free_disk, sim_task_name
 
 CONTROL_COMMANDS = {**dict.fromkeys(("status", "estop", *VERBS)), **lease.COMMANDS}
 
@@ -124,6 +124,7 @@ def _rollout(config, args: argparse.Namespace) -> int:
         cal_hash = calibration_hash((config.follower,))
         store = None
         if args.record:
+            require_free_disk(config.datasets_root, config.record.min_free_disk_mb)
             # Forked before torch or any thread starts (see zk0.agent.writer_process).
             store, _ = WriterProcess.open(
                 config.datasets_root, args.record, features, fps, DatasetIdentity(config.host_id, config.robot_type, cal_hash),
@@ -243,10 +244,9 @@ class RolloutStatus:
 def print_summary(summary) -> None:
     for report in summary.episodes:
         timing = report.timing
-        on_time = (timing.ticks - timing.overruns) / max(timing.ticks + timing.failed, 1)
         verdict = "" if report.success is None else f" success={report.success}"
         kinds = ", ".join(f"{name} {count}" for name, count in report.interventions.items()) or "none"
-        print(f"  episode {report.index}: {timing.ticks} ticks, {on_time:.2%} on time, jitter p50 {timing.jitter_p50_ms:.2f} / "
+        print(f"  episode {report.index}: {timing.ticks} ticks, {timing.on_time_fraction:.2%} on time ({timing.skipped} slots skipped), jitter p50 {timing.jitter_p50_ms:.2f} / "
               f"p99 {timing.jitter_p99_ms:.2f} ms, inference p50 {report.inference_ms[0]:.1f} / p99 {report.inference_ms[1]:.1f} ms, "
               f"interventions {report.intervened_ticks} ticks ({kinds}), held {report.held_ticks} ticks, "
               f"corrected {report.corrected_ticks} ticks, "

@@ -91,7 +91,7 @@ def bench_zk0(rig, work: Path, policy: Path, inference: str, seconds: float, fps
     timing = episode["timing"]
     return {
         "ticks": timing["ticks"],
-        "on_time_fraction": (timing["ticks"] - timing["overruns"]) / (timing["ticks"] + timing["failed"]),
+        "on_time_fraction": timing["on_time_fraction"],
         "jitter_p50_ms": timing["jitter_p50_ms"], "jitter_p99_ms": timing["jitter_p99_ms"],
         "inference_p50_ms": episode["inference_ms"][0], "inference_p99_ms": episode["inference_ms"][1],
         "held_ticks": episode["held_ticks"], "ended": episode["ended"],

@@ -24,7 +24,7 @@ safe target and counts interventions. What a command guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,6 +207,17 @@ class SafetyEnvelope:
     def reset(self) -> None:
         self.last_safe = None
         self.counts = dict.fromkeys(INTERVENTIONS, 0)
+
+
+def hold_target(present: np.ndarray, last_goal: np.ndarray | None, names: Sequence[str]) -> np.ndarray:
+    """Where an arm that must stop is commanded: its joints where they are, so the motion stops at once, and its
+    gripper at its last goal. A gripper squeezing an object rests short of its goal; commanding where it is would
+    take the force off and let the object slip out while the arm holds."""
+    target = np.array(present, dtype=np.float64)
+    if last_goal is not None:
+        gripper = np.array([name == GRIPPER for name in names])
+        target[gripper] = np.asarray(last_goal, dtype=np.float64)[gripper]
+    return target
 
 
 def envelope_spec(limits: JointLimits, settings: SafetySettings, fps: float, robot: str = "so101") -> EnvelopeSpec:

@@ -29,12 +29,13 @@ def test_tick_timing_on_schedule() -> None:
 
 
 def test_tick_timing_counts_overruns_and_true_rate() -> None:
-    # 10 ticks; tick 4 takes three periods, so the schedule moves and the true rate drops
+    # 10 ticks; tick 4 takes three periods, so the schedule moves, the slots 5 and 6 pass without a tick (late,
+    # like the overrun) and the true rate drops
     starts = np.array([0, 1, 2, 3, 4, 7, 8, 9, 10, 11]) * PERIOD
     ends = starts + 0.005
     ends[4] = starts[4] + 3 * PERIOD
     timing = tick_timing(starts, starts.copy(), ends, PERIOD)
-    assert timing.overruns == 1 and timing.on_time_fraction == pytest.approx(0.9)
+    assert timing.overruns == 1 and timing.skipped == 2 and timing.on_time_fraction == pytest.approx(9 / 12)
     assert timing.achieved_fps == pytest.approx(9 / (11 * PERIOD))
     assert is_slow(timing.achieved_fps, 30, 0.95) and not is_slow(29.0, 30, 0.95)
 
@@ -276,3 +277,21 @@ def test_dead_arm_discards_the_episode_and_keeps_committed_ones(rig_config) -> N
     assert "hardware stopped answering" in err.decode() and "1 committed episodes are intact" in err.decode()
     dataset = LeRobotDataset("local/demo", root=config.parent / "datasets" / "demo")
     assert dataset.num_episodes == 1 and len(read_commit(config.parent / "datasets" / "demo").episodes) == 1
+
+
+@pytest.mark.parametrize(("first_seed", "recorded", "episodes", "refused"), [
+    (0, 0, 50, False),
+    (999_950, 0, 50, False),  # the last seed is 999 999
+    (999_950, 1, 50, True),  # one recorded episode earlier pushes the last onto the first validation seed
+    (1_000_000, 0, 1, True),
+    (-1, 0, 1, True),
+])
+def test_recording_seeds_stay_below_the_validation_seeds(first_seed, recorded, episodes, refused) -> None:
+    from zk0.agent.config import ConfigError
+    from zk0.agent.record_cli import check_recording_seeds
+
+    if refused:
+        with pytest.raises(ConfigError, match="validation uses the seeds"):
+            check_recording_seeds(first_seed, recorded, episodes)
+    else:
+        check_recording_seeds(first_seed, recorded, episodes)

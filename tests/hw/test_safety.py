@@ -13,6 +13,7 @@ from lerobot.motors import MotorCalibration, MotorNormMode
 from zk0.hw import kinematics
 from zk0.hw.config import SafetySettings, WorkspaceSettings
 from zk0.hw.safety import (
+    hold_target,
     INTERVENTIONS,
     EnvelopeSpec,
     JointLimits,
@@ -238,3 +239,15 @@ def test_envelope_spec_from_settings_in_real_units() -> None:
 def test_invalid_specs_are_refused(build, message) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize(("present", "last_goal", "expected"), [
+    # an arm moving towards its goal stops where it is; a gripper closed on a cube (resting at 30, goal 5) keeps squeezing
+    ([10.0, -20.0, 5.0, 0.0, 3.0, 30.0], [12.0, -25.0, 5.0, 1.0, 3.0, 5.0], [10.0, -20.0, 5.0, 0.0, 3.0, 5.0]),
+    # nothing sent yet: everything where it is
+    ([10.0, -20.0, 5.0, 0.0, 3.0, 30.0], None, [10.0, -20.0, 5.0, 0.0, 3.0, 30.0]),
+])
+def test_a_hold_stops_the_joints_where_they_are_and_keeps_the_grip(present, last_goal, expected) -> None:
+    names = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
+    target = hold_target(np.array(present), None if last_goal is None else np.array(last_goal), names)
+    assert target.tolist() == expected and target is not present
