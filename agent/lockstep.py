@@ -57,6 +57,7 @@ class EpisodeOutcome:
     intervened_ticks: int = 0  # ticks whose target the envelope changed
     interventions: dict[str, int] = field(default_factory=dict)  # ticks per kind (zk0.hw.safety.INTERVENTIONS)
     trajectory_sha256: str = ""
+    table_contacts: int = 0  # ticks the arm spent pressing into the table (the world stopped it there)
 
 
 def run_episode(sim: LockstepSim, controller: Controller, envelope: Envelope, task: str, seed: int,
@@ -79,7 +80,7 @@ def run_episode(sim: LockstepSim, controller: Controller, envelope: Envelope, ta
     return EpisodeOutcome(
         task=spec.name, seed=seed, success=success, time_to_success_s=sim.t if success else None, ticks=sim.ticks,
         intervened_ticks=intervened, interventions={k: v for k, v in envelope.counts.items() if v},
-        trajectory_sha256=digest.hexdigest(),
+        trajectory_sha256=digest.hexdigest(), table_contacts=sim.table_contact_ticks,
     )
 
 

@@ -117,13 +117,15 @@ def promotion_verdict(candidate: Sequence[bool], active: Sequence[bool], margin:
 
 
 def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, Any]:
-    """Success rate with its Wilson interval, time to success and envelope interventions of some episodes."""
+    """Success rate with its Wilson interval, time to success, envelope interventions and table contacts
+    (ticks the arm pressed into the table: a policy that flails into it, or leans on it) of some episodes."""
     n = len(outcomes)
     successes = sum(o.success for o in outcomes)
     low, high = wilson_interval(successes, n)
     times = [o.time_to_success_s for o in outcomes if o.time_to_success_s is not None]
     ticks = sum(o.ticks for o in outcomes)
     intervened = sum(o.intervened_ticks for o in outcomes)
+    contacts = sum(o.table_contacts for o in outcomes)
     kinds = sorted({kind for o in outcomes for kind in o.interventions})
     return {
         "episodes": n,
@@ -134,6 +136,8 @@ def summarize(outcomes: Sequence[EpisodeOutcome]) -> dict[str, Any]:
                               "mean": statistics.fmean(times) if times else None},
         "interventions": {"ticks": intervened, "fraction_of_ticks": intervened / ticks if ticks else None,
                           "by_kind": {kind: sum(o.interventions.get(kind, 0) for o in outcomes) for kind in kinds}},
+        "table_contacts": {"ticks": contacts, "fraction_of_ticks": contacts / ticks if ticks else None,
+                           "episodes": sum(o.table_contacts > 0 for o in outcomes)},
     }
 
 
@@ -174,7 +178,7 @@ def build_report(*, policies: Mapping[str, Mapping[str, Any]], outcomes: Mapping
 def _outcome(outcome: EpisodeOutcome) -> dict[str, Any]:
     return {"success": outcome.success, "time_to_success_s": outcome.time_to_success_s, "ticks": outcome.ticks,
             "intervened_ticks": outcome.intervened_ticks, "interventions": outcome.interventions,
-            "trajectory_sha256": outcome.trajectory_sha256}
+            "table_contacts": outcome.table_contacts, "trajectory_sha256": outcome.trajectory_sha256}
 
 
 def write_report(report_dir: Path, report: Mapping[str, Any]) -> tuple[Path, Path]:

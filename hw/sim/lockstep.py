@@ -7,6 +7,8 @@ still the servo's: each tick the goal is written in ticks (as lerobot's `sync_wr
 clamped to the calibrated range and rounded) and the STS3215 motion model (`feetech.step_toward`, with the
 acceleration lerobot configures on connect) moves the shaft, in sub-steps at the rig's `SIM_HZ` so the grasp
 model sees the jaws close as it does in the rig. Cameras are the rig's renderers at the sizes asked for.
+When the table stops the arm (`World.step`), the stalled servos' shafts are where the world left them, so
+the present position a controller reads is the arm resting on the table, not the goal it cannot reach.
 
 Each `reset` builds a fresh world and bus, so an episode depends on (task, seed) only, never on which
 episodes ran before on this object.
@@ -29,10 +31,14 @@ from zk0.hw.sim.calibration import (
     joints_to_ticks,
     ticks_to_joints,
 )
+from zk0.hw.sim.operator import ScriptedOperator
 from zk0.hw.sim.render import CameraRenderer
 from zk0.hw.sim.rig import HOME_JOINTS, SIM_HZ
+from zk0.hw.sim.tasks import Task
 from zk0.hw.sim.world import World
 
+# The joints the table can stop (zk0.hw.sim.world.stop_at_table moves only these).
+TABLE_STALLED = ("shoulder_lift", "elbow_flex", "wrist_flex")
 # What lerobot writes to each follower servo on connect (`FeetechMotorsBus.configure_motors`, then torque on):
 # of these only the acceleration and torque registers change how the motion model moves the shaft.
 LEROBOT_CONNECT_REGISTERS: dict[str, int] = {
@@ -78,6 +84,7 @@ class LockstepSim:
         self.bus.advance(self._time)
         self.world.step(self.present(), 0.0)
         self.ticks = 0
+        self.table_contact_ticks = 0  # ticks during which the arm pressed into the table
 
     @property
     def t(self) -> float:
@@ -99,14 +106,44 @@ class LockstepSim:
             for servo_id, value in ticks.items():
                 self.bus.servos[servo_id].set("Goal_Position", int(round(value)))
         dt = 1.0 / (self.fps * self.substeps)
+        pressed = False
         for _ in range(self.substeps):
             self._time += dt
             self.bus.advance(self._time)
             self.world.step(ticks_to_joints(self.bus.positions(), self._calibration), dt)
+            if self.world.pressing_table:
+                pressed = True
+                self._stall_at(self.world.joints)
+        self.table_contact_ticks += pressed
         self.ticks += 1
+
+    def _stall_at(self, joints: np.ndarray) -> None:
+        """Put the lift/elbow/wrist shafts where the world stopped the arm, at rest (their goals stay: the
+        servos keep pushing); the other joints move freely and keep their own motion."""
+        ticks = joints_to_ticks(joints, self._calibration)
+        with self.bus.lock:
+            for name in TABLE_STALLED:
+                servo_id = self._calibration[name].id
+                self.bus.servos[servo_id].place(ticks[servo_id])
 
     def success(self) -> bool:
         return self.world.success()
+
+
+class OperatorController:
+    """The scripted operator as a lock-step controller (zk0.agent.lockstep's protocol): its leader joints
+    are the target. It reads the world directly (privileged), so it shows what the tasks and the loop
+    allow and records demonstrations; it is never a policy under validation."""
+
+    def __init__(self, sim: LockstepSim) -> None:
+        self.sim = sim
+        self.operator: ScriptedOperator | None = None
+
+    def reset(self, task: Task, seed: int) -> None:
+        self.operator = ScriptedOperator(task, seed, robot=self.sim.robot)
+
+    def act(self, observation: Observation) -> np.ndarray:
+        return self.operator.leader_joints(observation.t, self.sim.world)
 
 
 def follower_limits() -> Any:

@@ -92,6 +92,11 @@ TaskKind = Literal["pick_place", "push"]
 # Workspace the arm reaches comfortably with a top-down gripper (x range, |y| bound).
 _WORKSPACE_X = (0.16, 0.26)
 _WORKSPACE_Y = 0.11
+# Push tasks: where the cube starts (x range; y range measured against the push direction, so a "left" push
+# starts between 4 cm left and 11 cm right of centre) and how far out the bin sits on the side it starts from.
+_PUSH_START_X = (0.14, 0.27)
+_PUSH_START_BACK = (-0.04, 0.11)
+_PUSH_BIN_Y = (0.23, 0.25)
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,16 @@ class Task:
 
     def place(self, rng: np.random.Generator) -> Scene:
         """Draw a scene for one episode. Same RNG state, same scene."""
-        bin_side = rng.choice([-1.0, 1.0]) if self.kind == "pick_place" else -self.push_direction
-        bin_center = (float(rng.uniform(0.15, 0.20)), float(bin_side * rng.uniform(0.15, 0.17)))
-        scene_bin = Bin(center=bin_center)
         if self.kind == "push":
-            # start on the side opposite the push so the stroke stays inside the workspace
-            target_xy = np.array([rng.uniform(0.18, 0.24), -self.push_direction * rng.uniform(0.0, 0.05)])
+            # The bin stays out of the way, beyond where the stroke starts. The cube may start anywhere in a
+            # wide band (the stroke still ends inside the workspace): a stroke at the mean position, blind to
+            # the scene, misses it or pushes it too little (bench/task_discrimination.py).
+            back = -self.push_direction
+            scene_bin = Bin(center=(float(rng.uniform(0.15, 0.20)), float(back * rng.uniform(*_PUSH_BIN_Y))))
+            target_xy = np.array([rng.uniform(*_PUSH_START_X), back * rng.uniform(*_PUSH_START_BACK)])
         else:
+            bin_side = rng.choice([-1.0, 1.0])
+            scene_bin = Bin(center=(float(rng.uniform(0.15, 0.20)), float(bin_side * rng.uniform(0.15, 0.17))))
             target_xy = np.array([rng.uniform(*_WORKSPACE_X), rng.uniform(-0.06, 0.06)])
         positions = {self.target: target_xy}
         for color in self.distractors:

@@ -2,8 +2,9 @@
 
 Physics is deliberately kinematic: a cube between closing jaws attaches and rides with the gripper, opening
 the jaws lets it fall (onto the table or the bin floor), and a closed gripper tip pushes resting cubes out of
-its way. That is enough for the pick-place and push tasks in tasks.py and keeps a step well under a
-millisecond.
+its way. The table is solid: the arm stops where it touches it (`stop_at_table`), and the steps it spent
+pressing into it are counted. That is enough for the pick-place and push tasks in tasks.py and keeps a step
+well under a millisecond.
 """
 
 from __future__ import annotations
@@ -25,6 +26,51 @@ GRASP_TOLERANCE_UP = 0.016
 # The gripper pushes only when the jaws are nearly closed; the tip then acts as a disc of this radius.
 PUSH_MAX_GAP = 0.03
 PUSH_TIP_RADIUS = 0.012
+# Keypoints that must stay on or above the table (z=0): the elbow, wrist and jaw pivot axes and the gripper tip.
+TABLE_POINTS = (kinematics.ELBOW, kinematics.WRIST, kinematics.JAW_PIVOT, kinematics.TIP)
+_PLANAR = slice(1, 4)  # shoulder_lift, elbow_flex, wrist_flex: the only joints that change a keypoint's height
+_PATH_SAMPLES = 8  # points checked along one step's joint path before bisecting the first contact
+_CONTACT_BISECTIONS = 12
+
+
+def lowest_point(joints: np.ndarray, geometry: ArmGeometry) -> np.ndarray:
+    """Height (m) of the arm's lowest keypoint in `TABLE_POINTS`, for joint vectors shaped (..., 6)."""
+    return kinematics.forward(joints, geometry).points[..., TABLE_POINTS, 2].min(axis=-1)
+
+
+def stop_at_table(previous: np.ndarray, commanded: np.ndarray, geometry: ArmGeometry) -> tuple[np.ndarray, bool]:
+    """Where the arm ends when it moves from `previous` towards `commanded` and the table is in the way, and
+    whether the table stopped it.
+
+    The servos move every joint at once, so over one world step (a few milliseconds) the path is a straight
+    line in joint space. The arm follows it until a keypoint touches the table and stays there: the
+    lift/elbow/wrist servos stall against the table as they would against any rigid obstacle, pressing
+    until they are commanded back up. Pan, roll and gripper never change a keypoint's height, so they keep
+    following their commands and the arm slides along the table (friction is not modelled). A pose already
+    below the table (only reachable by constructing it) may rise but never sink further.
+    """
+    if lowest_point(commanded, geometry) >= 0.0:
+        return commanded, False
+    fractions = np.linspace(0.0, 1.0, _PATH_SAMPLES + 1)
+    path = np.repeat(commanded[None], len(fractions), axis=0)
+    path[:, _PLANAR] = previous[_PLANAR] + fractions[:, None] * (commanded[_PLANAR] - previous[_PLANAR])
+    heights = lowest_point(path, geometry)
+    floor = min(0.0, float(heights[0]))
+    if not np.any(heights < floor):  # it started below (constructed) and rises: let it
+        return commanded, True
+    first_below = int(np.argmax(heights < floor))
+    free, blocked = fractions[first_below - 1], fractions[first_below]
+    for _ in range(_CONTACT_BISECTIONS):
+        middle = 0.5 * (free + blocked)
+        pose = commanded.copy()
+        pose[_PLANAR] = previous[_PLANAR] + middle * (commanded[_PLANAR] - previous[_PLANAR])
+        if lowest_point(pose, geometry) >= floor:
+            free = middle
+        else:
+            blocked = middle
+    stopped = commanded.copy()
+    stopped[_PLANAR] = previous[_PLANAR] + free * (commanded[_PLANAR] - previous[_PLANAR])
+    return stopped, True
 
 
 class World:
@@ -42,6 +88,8 @@ class World:
         self.time = 0.0
         self.held: str | None = None
         self._held_offset = np.zeros(3)  # cube centre in the gripper frame, relative to the grasp centre
+        self.table_contacts = 0  # steps the arm spent pressing into the table
+        self.pressing_table = False  # the last step's command pushed into the table
         joints = getattr(self, "joints", np.zeros(kinematics.N_JOINTS))
         self._set_joints(joints)
         self._previous_gap = float(self.pose.jaw_gap)
@@ -59,8 +107,14 @@ class World:
         return self.scene.cubes
 
     def step(self, follower_joints: np.ndarray, dt: float) -> None:
-        """Move the arm to ``follower_joints`` (normalized units) and advance objects by ``dt`` seconds."""
+        """Move the arm towards ``follower_joints`` (normalized units; the table may stop it, see
+        `stop_at_table`) and advance objects by ``dt`` seconds."""
+        previous = self.joints
         self._set_joints(follower_joints)
+        stopped, self.pressing_table = stop_at_table(previous, self.joints, self.geometry)
+        if self.pressing_table:
+            self._set_joints(stopped)
+            self.table_contacts += 1
         gap = float(self.pose.jaw_gap)
         grasp_center = self.pose.grasp_center(self.geometry)
         if self.held is not None:
@@ -100,20 +154,28 @@ class World:
                 return
 
     def _push_resting_cubes(self) -> None:
+        """The tip, a disc seen from above, moves each cube it overlaps the shortest way out of it (no
+        rotation): squarely on a face the cube goes straight ahead, on a corner it is pushed aside and the
+        tip slides past, as a cube glances off a finger that only catches its edge."""
         tip = self.pose.tip
         for cube in self.cubes.values():
             half = 0.5 * cube.size
             if cube.held or not (cube.position[2] - half - 0.01 < tip[2] < cube.position[2] + half):
                 continue
             offset = tip[:2] - cube.position[:2]
-            reach = half + PUSH_TIP_RADIUS
-            if np.max(np.abs(offset)) >= reach:
+            nearest = np.clip(offset, -half, half)  # the point of the cube's footprint nearest the tip
+            outside = offset - nearest
+            distance = float(np.linalg.norm(outside))
+            if distance >= PUSH_TIP_RADIUS:
                 continue
-            # the face the tip came through is the one it was furthest out of on the previous step
-            came_from = self._previous_tip[:2] - cube.position[:2]
-            axis = int(np.argmax(np.abs(came_from)))
-            side = np.sign(came_from[axis]) or 1.0
-            cube.position[axis] = tip[axis] - side * reach
+            if distance > 1e-9:
+                cube.position[:2] = tip[:2] - nearest - outside / distance * PUSH_TIP_RADIUS
+            else:
+                # the tip's centre got inside in one step: out through the face it was furthest out of before
+                came_from = self._previous_tip[:2] - cube.position[:2]
+                axis = int(np.argmax(np.abs(came_from)))
+                side = np.sign(came_from[axis]) or 1.0
+                cube.position[axis] = tip[axis] - side * (half + PUSH_TIP_RADIUS)
             cube.position[2] = self.scene.resting_height(cube.position, cube.size)
 
     def _fall(self, dt: float) -> None:
@@ -142,6 +204,7 @@ class World:
             "joints": [round(float(v), 4) for v in self.joints],
             "tip": [round(float(v), 5) for v in self.pose.tip],
             "held": self.held,
+            "table_contacts": self.table_contacts,
             "success": self.success(),
             **self.scene.to_dict(),
         }

@@ -98,20 +98,24 @@ def test_validation_seeds_are_disjoint_from_recording_seeds_and_tasks_alternate(
         episode_plan([], 3)
 
 
-def _episode(task: str, seed: int, success: bool, clamped: int = 0) -> EpisodeOutcome:
+def _episode(task: str, seed: int, success: bool, clamped: int = 0, contacts: int = 0) -> EpisodeOutcome:
     return EpisodeOutcome(task, seed, success, 6.5 if success else None, 195 if success else 600, clamped,
-                          {"step": clamped} if clamped else {}, f"{seed:064x}")
+                          {"step": clamped} if clamped else {}, f"{seed:064x}", table_contacts=contacts)
 
 
 def test_summary_and_report_record_everything_and_draw_the_chart(tmp_path):
     plan = episode_plan(["pick_place_red", "push_blue_left"], 6)
     outcomes = {"candidate": [_episode(t, s, i != 3, clamped=i) for i, (t, s) in enumerate(plan)],
-                "active": [_episode(t, s, i % 2 == 0) for i, (t, s) in enumerate(plan)]}
+                "active": [_episode(t, s, i % 2 == 0, contacts=10 * (i == 1)) for i, (t, s) in enumerate(plan)]}
     summary = summarize(outcomes["candidate"])
     assert summary["successes"] == 5 and summary["success_rate"] == pytest.approx(5 / 6)
     assert summary["interval_95"] == pytest.approx(wilson_interval(5, 6))
     assert summary["time_to_success_s"]["median"] == 6.5
     assert summary["interventions"]["ticks"] == 15 and summary["interventions"]["by_kind"] == {"step": 15}
+    assert summary["table_contacts"] == {"ticks": 0, "fraction_of_ticks": 0.0, "episodes": 0}
+    pressed = summarize(outcomes["active"])["table_contacts"]
+    assert pressed["ticks"] == 10 and pressed["episodes"] == 1
+    assert pressed["fraction_of_ticks"] == pytest.approx(10 / (3 * 195 + 3 * 600))
     policies = {"candidate": {"ref": "v7", "sha256": "c" * 64}, "active": {"ref": "active", "sha256": "a" * 64}}
     report = build_report(policies=policies, outcomes=outcomes, tasks=["pick_place_red", "push_blue_left"],
                           margin=0.05, settings={"fps": 30}, elapsed_s=12.0)
@@ -119,6 +123,8 @@ def test_summary_and_report_record_everything_and_draw_the_chart(tmp_path):
     assert report["paired"] == {"both": 3, "candidate_only": 2, "active_only": 0, "neither": 1, "sign_test_p": 0.5}
     assert [p["seed"] for p in report["pairs"]] == [s for _, s in plan]
     assert report["summary"]["active"]["per_task"]["push_blue_left"]["successes"] == 0
+    assert report["summary"]["active"]["per_task"]["push_blue_left"]["table_contacts"]["ticks"] == 10
+    assert report["pairs"][1]["active"]["table_contacts"] == 10
     assert report["seconds_per_episode"] == 1.0
 
     json_path, png_path = write_report(tmp_path / "report", report)

@@ -67,6 +67,24 @@ def test_targets_pass_the_envelope_and_its_interventions_are_counted(spec):
     assert sim.present()[0] <= 10 * spec.max_velocity[0] / FPS + 1e-6
 
 
+class _Press:
+    """Drives the gripper 7 cm into the table and holds it there."""
+
+    def reset(self, task, seed) -> None:
+        pass
+
+    def act(self, observation: Observation) -> np.ndarray:
+        return np.array([0.0, 40.0, 30.0, 20.0, 0.0, 0.0])
+
+
+def test_ticks_pressing_into_the_table_are_counted(spec):
+    sim = LockstepSim({}, FPS)
+    outcome = run_episode(sim, _Press(), SafetyEnvelope(spec), "push_red_left", 0, 60)
+    assert 30 < outcome.table_contacts < 60  # every tick from the first touch on
+    assert sim.world.pose.tip[2] == pytest.approx(0.0, abs=1e-4)
+    assert run_episode(sim, ScriptedController(sim), SafetyEnvelope(spec), "push_red_left", 0, 20).table_contacts == 0
+
+
 def _bundle(**features) -> SimpleNamespace:
     inputs = {key: SimpleNamespace(shape=shape) for key, shape in features.items()}
     return SimpleNamespace(policy=SimpleNamespace(config=SimpleNamespace(input_features=inputs)))

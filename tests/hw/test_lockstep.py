@@ -62,3 +62,24 @@ def test_follower_limits_are_the_calibrated_ranges_in_normalized_units():
     assert limits.names == ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
     assert limits.upper[0] == pytest.approx(1300 * DEG_PER_TICK) and limits.lower[0] == -limits.upper[0]
     assert (limits.lower[5], limits.upper[5]) == (0.0, 100.0)
+
+
+def test_a_goal_inside_the_table_leaves_the_arm_resting_on_it_and_its_servos_stalled():
+    from zk0.hw.kinematics import forward
+
+    sim = LockstepSim({}, fps=30)
+    sim.reset("push_red_left", 4)
+    into_table = np.array([10.0, 40.0, 30.0, 20.0, 0.0, 0.0])  # the tip would be 6.7 cm below the table
+    assert forward(into_table).tip[2] < -0.05
+    for _ in range(45):
+        sim.step(into_table)
+    assert sim.world.pose.tip[2] == pytest.approx(0.0, abs=1e-4)
+    # what lerobot would read back is the arm on the table (within a tick of resolution), not the goal
+    assert forward(sim.present()).tip[2] == pytest.approx(0.0, abs=2e-3)
+    assert sim.present()[0] == pytest.approx(10.0, abs=DEG_PER_TICK)  # the pan got where it was sent
+    pressing = sim.table_contact_ticks
+    assert 0 < pressing < 45  # from first touch on, every tick
+    for _ in range(30):
+        sim.step(HOME_JOINTS)
+    assert sim.table_contact_ticks == pressing  # sent back up, the stalled servos lift off at once
+    assert sim.present() == pytest.approx(HOME_JOINTS, abs=DEG_PER_TICK)

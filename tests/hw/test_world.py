@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from zk0.hw import kinematics as k
 from zk0.hw.sim.operator import approach_pitch_for
 from zk0.hw.sim.tasks import CUBE_SIZE, MIN_CUBE_SEPARATION, TASKS, get_task
-from zk0.hw.sim.world import World
+from zk0.hw.sim.world import World, lowest_point, stop_at_table
 
 
 def joints_with_grasp_center_at(world: World, point: np.ndarray, gripper: float) -> np.ndarray:
@@ -26,6 +26,11 @@ def joints_with_grasp_center_at(world: World, point: np.ndarray, gripper: float)
 def move(world: World, point: np.ndarray, gripper: float, steps: int = 5) -> None:
     for _ in range(steps):
         world.step(joints_with_grasp_center_at(world, point, gripper), 1 / 30)
+
+
+# Top-down, the grasp centre sits this far above a resting cube's centre so the jaw tips clear the table by
+# 3 mm, as the scripted operator grasps (the table stops a tip commanded lower).
+GRIP_LIFT = 0.006
 
 
 def close_gripper(world: World, point: np.ndarray, start: float = 80.0) -> None:
@@ -62,13 +67,19 @@ def test_closing_around_a_cube_grasps_it_and_lifting_carries_it():
     world = World("pick_place_red", 3)
     cube = world.cubes["red"]
     start = cube.position.copy()
+    grip = start + [0, 0, GRIP_LIFT]
     move(world, start + [0, 0, 0.08], 80.0)
-    move(world, start, 80.0)
+    move(world, grip, 80.0)
     assert world.held is None
-    close_gripper(world, start)
+    close_gripper(world, grip)
     assert world.held == "red" and cube.held
-    move(world, start + [0.02, 0.01, 0.1], 0.0, steps=10)
-    np.testing.assert_allclose(cube.position, start + [0.02, 0.01, 0.1], atol=2e-3)
+    lifted = grip + [0.02, 0.01, 0.1]
+    move(world, lifted, 0.0, steps=10)
+    np.testing.assert_allclose(world.pose.grasp_center(world.geometry), lifted, atol=2e-3)
+    # gripped top-down GRIP_LIFT below the grasp centre, the cube rides there along the approach axis as it tilts
+    offset = cube.position - world.pose.grasp_center(world.geometry)
+    np.testing.assert_allclose(offset, GRIP_LIFT * world.pose.approach, atol=2e-3)
+    assert world.table_contacts == 0
     assert json.loads(json.dumps(world.snapshot()))["held"] == "red"
 
 
@@ -76,8 +87,8 @@ def test_opening_drops_the_cube_onto_the_table_or_into_the_bin():
     world = World("pick_place_red", 4)
     cube = world.cubes["red"]
     start = cube.position.copy()
-    move(world, start, 80.0)
-    close_gripper(world, start)
+    move(world, start + [0, 0, GRIP_LIFT], 80.0)
+    close_gripper(world, start + [0, 0, GRIP_LIFT])
     above_table = start + [0.0, 0.04, 0.08]
     move(world, above_table, 0.0)
     move(world, above_table, 60.0, steps=20)  # falling 8 cm takes about 0.13 s
@@ -85,7 +96,7 @@ def test_opening_drops_the_cube_onto_the_table_or_into_the_bin():
     np.testing.assert_allclose(cube.position[:2], above_table[:2], atol=2e-3)
     assert not world.success()
 
-    close_gripper(world, cube.position.copy() + [0, 0, 0.0])
+    close_gripper(world, cube.position.copy() + [0, 0, GRIP_LIFT])
     assert world.held == "red"
     over_bin = np.array([*world.scene.bin.center, 0.09])
     move(world, over_bin, 0.0, steps=10)
@@ -179,3 +190,65 @@ def test_any_arm_motion_keeps_cubes_on_or_above_their_support(seed, unit_steps):
             assert np.all(np.isfinite(cube.position))
             assert cube.held or cube.position[2] >= world.scene.resting_height(cube.position, cube.size) - 1e-9
     assert (world.held is None) == all(not c.held for c in world.cubes.values())
+
+
+def test_the_table_stops_the_arm_and_counts_the_steps_it_pressed_into_it():
+    world = World("push_red_left", 9)
+    above = np.array([0.2, 0.05, 0.06])
+    move(world, above, 0.0)
+    assert world.table_contacts == 0 and not world.pressing_table
+    into_table = joints_with_grasp_center_at(world, above + [0, 0, -0.08], 0.0)  # tip 2 cm below the table
+    assert k.forward(into_table, world.geometry).tip[2] < -0.015
+    for _ in range(5):
+        world.step(into_table, 1 / 30)
+    assert world.pressing_table and world.table_contacts == 5
+    assert world.pose.tip[2] == pytest.approx(0.0, abs=1e-4)  # resting on the table, not through it
+    assert lowest_point(world.joints, world.geometry) >= 0.0
+    panned = into_table + [-15.0, 0, 0, 0, 0, 0]
+    world.step(panned, 1 / 30)  # pressing down, the pan still follows: the tip slides along the table
+    assert world.joints[0] == pytest.approx(panned[0]) and world.pose.tip[2] == pytest.approx(0.0, abs=1e-4)
+    move(world, above, 0.0)  # commanded back up, it leaves the table
+    assert not world.pressing_table and world.table_contacts == 6
+    assert json.loads(json.dumps(world.snapshot()))["table_contacts"] == 6
+
+
+@pytest.mark.parametrize(("previous", "commanded"), [
+    ([0, 0, 0, 0, 0, 0], [10, 20, 30, 40, 5, 50]),  # above the table all the way
+    ([0, 0, 0, 0, 0, 0], [0, 60, 60, 60, 0, 0]),  # folded down through it
+    ([30, 20, 40, 50, 0, 0], [30, 90, 90, 90, 0, 0]),
+])
+def test_stop_at_table_keeps_every_keypoint_on_or_above_it(previous, commanded):
+    previous, commanded = np.array(previous, float), np.array(commanded, float)
+    stopped, pressing = stop_at_table(previous, commanded, k.SO101)
+    assert pressing == (lowest_point(commanded, k.SO101) < 0)
+    assert lowest_point(stopped, k.SO101) >= 0.0
+    np.testing.assert_array_equal(stopped[[0, 4, 5]], commanded[[0, 4, 5]])  # pan, roll, gripper never stopped
+    if pressing:  # stopped where it touched: a little further would be inside the table
+        assert lowest_point(stopped, k.SO101) < 1e-3
+    else:
+        np.testing.assert_array_equal(stopped, commanded)
+
+
+def test_a_tip_that_catches_only_a_corner_pushes_the_cube_aside_not_ahead():
+    world = World("push_blue_left", 6)
+    cube = world.cubes["blue"]
+    start = cube.position.copy()
+    height = 0.012 + world.geometry.grasp_depth
+    beside = start + [CUBE_SIZE / 2 + 0.006, -0.04, height - start[2]]  # the tip's disc overlaps the corner only
+    move(world, beside + [0, 0, 0.05], 0.0)
+    move(world, beside, 0.0)
+    for y in np.linspace(beside[1], beside[1] + 0.09, 45):
+        world.step(joints_with_grasp_center_at(world, np.array([beside[0], y, beside[2]]), 0.0), 1 / 30)
+    moved = cube.position - start
+    assert moved[0] < -0.004  # away from the tip's line
+    assert 0.0 < moved[1] < 0.02  # and only a little along it: the tip slid past
+    assert not world.success()
+
+
+def test_an_arm_constructed_below_the_table_may_rise_but_not_sink():
+    below = np.array([10.0, 40.0, 30.0, 20.0, 0.0, 0.0])  # tip 6.7 cm under the table
+    deeper, higher = below + [0, 5.0, 0, 0, 0, 0], below - [0, 5.0, 0, 0, 0, 0]
+    stopped, pressing = stop_at_table(below, deeper, k.SO101)
+    assert pressing and lowest_point(stopped, k.SO101) >= lowest_point(below, k.SO101) - 1e-6
+    stopped, pressing = stop_at_table(below, higher, k.SO101)
+    assert pressing and np.array_equal(stopped, higher)
