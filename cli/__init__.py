@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("zk0.learn.train_cli", "centralized SmolVLA training on local datasets (the federated baseline)"),
     "server": ("zk0.server.launch", "run the federation server: Flower SuperLink + zk0 ServerApp"),
     "node": ("zk0.agent.node", "run this host's Flower SuperNode"),
+    "learn-worker": ("zk0.agent.learning_worker", "serve a node's learning work warm (model built once per run)"),
     "agent": ("zk0.agent.daemon", "run the zk0 agent: the robot host's daemon (record, train in idle windows, validate, roll out)"),
     "certs": ("zk0.server.certs", "generate the CA, SuperLink certificate and SuperNode keys"),
     "fleet": ("zk0.cli.fleet", "run a whole federation on this machine (SuperLink + one SuperNode per dataset)"),

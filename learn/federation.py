@@ -22,22 +22,11 @@ from zk0.learn import stats as fedstats
 from zk0.learn.data import EpisodeData, dataset_stable_id, policy_image_size, split_episodes
 from zk0.learn.frame_cache import FrameCache
 from zk0.learn.policy import PolicyBundle, PolicySpec, seeded_policy_bundle
-
-UPDATE_RECORD = "update"  # reply key of the encoded update (an ArrayRecord from codec.to_array_record)
-METRICS_RECORD = "metrics"
-GLOBAL_SHA256 = "global-sha256"
-STATS_RECORD = "norm-stats"
-INFO_RECORD = "info"
-QUERY_STATS = "stats"
-# Keys of a train reply's INFO_RECORD. A node that does not train this round (its agent refused the training
-# lease) answers with only INFO_RECORD {DECLINED: reason}; one whose lease was revoked mid-training sends the
-# update of the steps it did, with {PREEMPTED: reason} (its metrics count the steps actually done).
-DECLINED = "declined"
-PREEMPTED = "preempted"
-# Keys of the INFO_RECORD every reply carries: the node's stable dataset id (a digest, see
-# zk0.learn.data.dataset_stable_id) and a human name for reports and plots (the host id, or a dataset name).
-DATASET_ID = "dataset-id"
-NODE_NAME = "node-name"
+# The record names live in zk0.learn.records (importable without torch); they stay importable from here.
+from zk0.learn.records import (  # noqa: F401
+    DATASET_ID, DECLINED, GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, NODE_NAME, PREEMPTED, QUERY_STATS, STATS_RECORD,
+    UPDATE_RECORD,
+)
 
 
 def stats_to_record(stats: fedstats.SufficientStats) -> ArrayRecord:

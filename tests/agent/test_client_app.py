@@ -15,7 +15,7 @@ from flwr.common import MessageType
 
 from tests.agent.test_lease import NODE_ID, _context, federation, normal_scheduling  # noqa: F401 (fixtures)
 from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
-from zk0.agent import client_app
+from zk0.agent import client_app, node_work
 from zk0.learn import codec
 from zk0.learn import stats as fedstats
 from zk0.learn.federation import DATASET_ID, NODE_NAME, QUERY_STATS, STATS_RECORD
@@ -36,30 +36,30 @@ def _distance(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
 @pytest.mark.parametrize("codec_name", ["fp32", "int8-delta"])
 def test_honest_update_is_the_plain_encoding(update, codec_name: str) -> None:
     state, global_state = update
-    assert client_app.encoded_update(state, global_state, codec_name) == codec.encode(state, codec_name, base=global_state)
+    assert node_work.encoded_update(state, global_state, codec_name) == codec.encode(state, codec_name, base=global_state)
 
 
 def test_nan_and_hash_drills_break_the_payload(update) -> None:
     state, global_state = update
     with pytest.raises(codec.NonFinite):
-        codec.decode(client_app.encoded_update(state, global_state, "fp32", "nan"), global_state)
+        codec.decode(node_work.encoded_update(state, global_state, "fp32", "nan"), global_state)
     with pytest.raises(codec.ChecksumMismatch):
-        codec.decode(client_app.encoded_update(state, global_state, "fp32", "hash"), global_state)
+        codec.decode(node_work.encoded_update(state, global_state, "fp32", "hash"), global_state)
 
 
 @pytest.mark.parametrize("codec_name", ["fp32", "int8-delta"])
 def test_huge_norm_drill_is_a_valid_payload_far_from_the_global(update, codec_name: str) -> None:
     state, global_state = update
-    decoded = codec.decode(client_app.encoded_update(state, global_state, codec_name, "huge-norm"), global_state)
+    decoded = codec.decode(node_work.encoded_update(state, global_state, codec_name, "huge-norm"), global_state)
     honest = codec.decode(codec.encode(state, codec_name, base=global_state), global_state)
     ratio = _distance(decoded, global_state) / _distance(honest, global_state)
-    assert ratio == pytest.approx(client_app.HUGE_NORM_FACTOR, rel=1e-2)
+    assert ratio == pytest.approx(node_work.HUGE_NORM_FACTOR, rel=1e-2)
 
 
 @pytest.mark.parametrize("codec_name", ["fp32", "int8-delta-row"])
 def test_stale_base_drill_is_a_delta_against_another_global(update, codec_name: str) -> None:
     state, global_state = update
-    payload = client_app.encoded_update(state, global_state, codec_name, "stale-base")
+    payload = node_work.encoded_update(state, global_state, codec_name, "stale-base")
     with pytest.raises(codec.LayoutMismatch, match="different global than this round's"):
         codec.decode(payload, global_state)
     # well formed otherwise: decoded against the global it was taken against, it is the trained state
@@ -70,14 +70,14 @@ def test_stale_base_drill_is_a_delta_against_another_global(update, codec_name: 
 
 def test_inflate_examples_drill_claims_a_thousand_times_the_examples() -> None:
     metrics = {"num-examples": 32, "steps": 8, "policy-loss": 0.5}
-    assert client_app.inflate_examples(metrics) == {"num-examples": 32_000, "steps": 8, "policy-loss": 0.5}
+    assert node_work.inflate_examples(metrics) == {"num-examples": 32_000, "steps": 8, "policy-loss": 0.5}
     assert metrics["num-examples"] == 32
 
 
 def test_stats_nan_drill_is_refused_by_the_server_reading(tmp_path: Path) -> None:
     frames = {"observation.state": np.random.default_rng(0).normal(size=(20, 6)), "action": np.ones((20, 6))}
     stats = fedstats.from_arrays(frames)
-    drilled = client_app.nan_stats(stats)
+    drilled = node_work.nan_stats(stats)
     assert drilled.count == stats.count and all(np.isnan(fs.mean).all() for fs in drilled.features.values())
     with pytest.raises(fedstats.StatsInvalid):
         fedstats.SufficientStats.from_record(drilled.to_record())
