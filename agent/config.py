@@ -2,8 +2,9 @@
 
 A config names the host, the arm pair (follower + leader), the cameras, where datasets live, the safety
 envelope every follower target passes (`safety:`, zk0.hw.config.SafetySettings), how a policy is rolled
-out (`rollout:`) and validated (`validation:`) and, on a host that joins a federation, its SuperNode
-settings (`federation:`, read by `zk0 node`).
+out (`rollout:`) and validated (`validation:`), when it lends itself to federated training (`idle:`,
+zk0.agent.idle) and, on a host that joins a federation, its SuperNode settings (`federation:`, read by
+`zk0 node`).
 Every mistake a user can make in the file (unknown key, wrong type, missing device) is reported as
 one `ConfigError` line that names the offending key, before anything is opened or written.
 """
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from zk0.agent.control import DEFAULT_CONTROL_ADDRESS
+from zk0.agent.idle import IdleSettings
 from zk0.hw.config import ArmConfig, CameraConfig, SafetySettings
 from zk0.common.typed_yaml import ConfigError, build
 
@@ -129,6 +131,8 @@ class AgentConfig:
     safety: SafetySettings = field(default_factory=SafetySettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    # Training hours, operator quiet time and resource guards under which the agent grants training leases.
+    idle: IdleSettings = field(default_factory=IdleSettings)
     # ZeroMQ address of this host's control API (zk0ctl); ipc:// paths need a writable directory.
     control_address: str = DEFAULT_CONTROL_ADDRESS
     # This host's SuperNode settings (`zk0 node`); None: the host does not join a federation.

@@ -18,6 +18,7 @@ from zk0.agent.config import (
     load_config,
     parse_config,
 )
+from zk0.agent.idle import IdleSettings
 from zk0.hw.config import SafetySettings, WorkspaceSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,6 +124,19 @@ def test_safety_rollout_and_validation_defaults_and_values() -> None:
          "federation.runtime_port: expected int, got float 1.5"),
         (("federation",), {"superlink": "h:1", "datasets": ["a"]},
          "federation.root_certificates: required unless insecure is true"),
+        (("idle",), {"quiet": 5}, "idle.quiet: unknown key"),
+        (("idle",), {"quiet_time_s": "5m"}, "idle.quiet_time_s: expected float, got str '5m'"),
+        (("idle",), {"quiet_time_s": -1}, "idle.quiet_time_s: must be a number >= 0, got -1.0"),
+        (("idle",), {"training_hours": ["22:00-06:00"]}, "idle.training_hours: expected a mapping, got list"),
+        (("idle",), {"training_hours": {"mon": ["22-06"]}},
+         'idle.training_hours.mon[0]: expected "HH:MM-HH:MM" (24:00 may end a window), got \'22-06\''),
+        (("idle",), {"training_hours": {"weekend": ["00:00-24:00"]}}, "idle.training_hours.weekend: unknown weekday"),
+        (("idle",), {"training_hours": {"daily": ["08:00-08:00"]}}, "idle.training_hours.daily[0]: an empty window"),
+        (("idle",), {"max_load_per_core": -0.5}, "idle.max_load_per_core: must be a number >= 0 or null, got -0.5"),
+        (("idle",), {"min_free_disk_mb": 1.5}, "idle.min_free_disk_mb: expected int, got float 1.5"),
+        (("idle",), {"require_ac_power": "yes"}, "idle.require_ac_power: expected bool, got str 'yes'"),
+        (("idle",), {"lease_ttl_s": 0}, "idle.lease_ttl_s: must be a number in (0, 3600], got 0.0"),
+        (("idle",), {"lease_ttl_s": 86400}, "idle.lease_ttl_s: must be a number in (0, 3600], got 86400.0"),
     ],
 )
 def test_mistakes_name_the_key(path: tuple, value, message: str) -> None:
@@ -130,6 +144,32 @@ def test_mistakes_name_the_key(path: tuple, value, message: str) -> None:
         parse_config(_with(path, value), source="agent.yaml")
     text = str(info.value)
     assert message in text and text.startswith("agent.yaml: ") and "\n" not in text
+
+
+def test_idle_section_defaults_and_values() -> None:
+    assert parse_config(VALID).idle == IdleSettings() == parse_config({**VALID, "idle": None}).idle
+    assert IdleSettings().training_hours == {"daily": ["00:00-24:00"]}
+    config = parse_config({**VALID, "idle": {
+        "training_hours": {"daily": ["22:00-07:00"], "sat": ["00:00-24:00"], "sun": []},
+        "quiet_time_s": 600, "max_load_per_core": None, "min_free_disk_mb": 4096, "require_ac_power": False,
+        "lease_ttl_s": 30}})
+    idle = config.idle
+    assert idle.training_hours == {"daily": ["22:00-07:00"], "sat": ["00:00-24:00"], "sun": []}
+    assert idle.quiet_time_s == 600.0 and isinstance(idle.quiet_time_s, float) and idle.max_load_per_core is None
+    assert (idle.min_free_disk_mb, idle.require_ac_power, idle.lease_ttl_s) == (4096, False, 30.0)
+    assert idle.min_free_memory_mb == 1024 and idle.max_temperature_c == 85.0
+
+
+def test_shipped_configs_document_the_idle_defaults() -> None:
+    import yaml
+
+    # The real-arm examples spell the section out with the defaults; agent.yaml carries it commented out.
+    for name in ("agent.so100.example.yaml", "agent.so101.example.yaml"):
+        assert "idle" in yaml.safe_load((REPO / "configs" / name).read_text())
+        assert load_config(REPO / "configs" / name, check_devices=False).idle == IdleSettings()
+    text = (REPO / "configs" / "agent.yaml").read_text()
+    commented = "\n".join(line.removeprefix("# ") for line in text[text.index("# idle:"):].splitlines())
+    assert parse_config({**VALID, **yaml.safe_load(commented)}).idle == IdleSettings()
 
 
 def test_missing_device_is_named(tmp_path: Path) -> None:
