@@ -16,7 +16,14 @@ checked like the rest of the file; no device is opened) plus `host_id` and `data
       node_name: arm1                              # how the server names this node; default: host_id
 
 `zk0 node --config FILE --check` prints the supernode command line and the node config it would run
-with, or the config's mistake, and exits. The SuperNode runs with TLS and SuperNode authentication;
+with, or the config's mistake, and exits.
+
+`zk0 node --learn-worker [ADDRESS]` first starts a warm learning worker (zk0.agent.learning_worker, default
+address `ipc://<policy store's folder>/learn-worker.sock`), serving only the node's datasets and policy store,
+and gives the SuperNode's ClientApps its address (node config `learn-worker`): the model is then built once per
+run instead of once per message. Both run as children logging to `<policy store's folder>/logs/`; when either
+exits, the other is stopped and `zk0 node` exits non-zero, so systemd's `Restart=` restarts them together.
+Without the option, `zk0 node` becomes `flower-supernode` (exec), as before. The SuperNode runs with TLS and SuperNode authentication;
 Flower 1.41 SuperNodes never install app dependencies at run time unless
 `--allow-runtime-dependency-installation` is given, which zk0 never passes: the host environment is
 installed once, by the package manager.
@@ -25,15 +32,18 @@ installed once, by the package manager.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from zk0.agent.config import AgentConfig, load_config
-from zk0.common.flower_process import LaunchError, flower_env, flower_tool
+from zk0.common.flower_process import LaunchError, ManagedProcess, flower_env, flower_tool
 from zk0.common.typed_yaml import ConfigError
 
 # Fault-injection drills a node can run (node config `drill`, see zk0.agent.client_app): each makes the node
@@ -137,15 +147,74 @@ def describe(settings: NodeSettings, command: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Where a SuperNode's learning worker listens unless told: beside the policy store, like the frame cache.
+LEARN_WORKER_SOCKET = "learn-worker.sock"
+WORKER_READY_S = 300.0  # the worker imports torch and lerobot before it answers; slow on a loaded small host
+MAX_IPC_PATH = 100  # Linux limits a unix socket's path to 107 bytes
+
+
+def default_worker_address(settings: NodeSettings) -> str:
+    path = settings.policy_store.resolve().parent / LEARN_WORKER_SOCKET
+    if len(str(path)) > MAX_IPC_PATH:
+        raise ConfigError(f"learning worker socket path {path} is too long for a unix socket; give --learn-worker ADDRESS")
+    return f"ipc://{path}"
+
+
+def with_learn_worker(settings: NodeSettings, address: str) -> NodeSettings:
+    """`settings` whose ClientApps relay their work to the learning worker at `address`."""
+    return dataclasses.replace(settings, extra_node_config={**settings.extra_node_config, "learn-worker": address})
+
+
+def spawn_learn_worker(settings: NodeSettings, address: str, log_path: Path) -> ManagedProcess:
+    """Start the learning worker for `settings`' node at `address`, serving only its datasets and policy store
+    (`zk0 node --learn-worker`, `zk0 fleet local --learn-workers` and the agent start it through here); it
+    answers once it has imported torch and lerobot: `wait_for_learn_worker`."""
+    from zk0.agent.learning_worker import worker_command
+
+    return ManagedProcess("learn-worker", worker_command(address, settings.datasets, settings.policy_store), log_path)
+
+
+def wait_for_learn_worker(worker: ManagedProcess, address: str, timeout_s: float = WORKER_READY_S) -> None:
+    """Return once the worker answers; stop it and raise LaunchError if it exits or stays silent."""
+    from zk0.agent.learning_worker import wait_until_ready
+
+    if not wait_until_ready(address, timeout_s, alive=worker.running):
+        worker.stop()
+        raise LaunchError(f"the learning worker at {address} did not start; see {worker.log_path}")
+
+
+def supervise(children: list[ManagedProcess], stop: threading.Event, poll_s: float = 0.5) -> int:
+    """Wait until `stop` is set (0) or a child exits (1); then stop every child, the last started first."""
+    code = 0
+    try:
+        while not stop.wait(poll_s):
+            exited = [child for child in children if not child.running()]
+            if exited:
+                print(f"zk0 node: {exited[0].name} exited with {exited[0].process.returncode}; stopping "
+                      f"(see {exited[0].log_path})", file=sys.stderr)
+                code = 1
+                break
+    finally:
+        for child in reversed(children):
+            child.stop()
+    return code
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/agent.yaml"), help="agent YAML config")
     parser.add_argument("--check", action="store_true",
                         help="print the supernode command and node config this config gives, and exit")
+    parser.add_argument("--learn-worker", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="start a warm learning worker beside the SuperNode (model built once per run, not per "
+                             "message); ADDRESS defaults to ipc://<policy store's folder>/learn-worker.sock")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_node_settings(args.config)
+        address = None if args.learn_worker is None else args.learn_worker or default_worker_address(settings)
+        if address is not None:
+            settings = with_learn_worker(settings, address)
         command = supernode_command(settings)
     except (ConfigError, LaunchError) as err:
         print(f"zk0 node: {err}", file=sys.stderr)
@@ -153,6 +222,19 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(describe(settings, command))
         return 0
-    # Replace this process: systemd (or the user's shell) then supervises flower-supernode directly.
-    os.execve(command[0], command, flower_env())
-    return 0  # not reached
+    if address is None:
+        # Replace this process: systemd (or the user's shell) then supervises flower-supernode directly.
+        os.execve(command[0], command, flower_env())
+    logs = settings.policy_store.resolve().parent / "logs"
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker = spawn_learn_worker(settings, address, logs / "learn-worker.log")
+    try:
+        wait_for_learn_worker(worker, address)
+    except LaunchError as err:
+        print(f"zk0 node: {err}", file=sys.stderr)
+        return 1
+    supernode = ManagedProcess("flower-supernode", command, logs / "supernode.log")
+    print(f"zk0 node: learning worker at {address}, flower-supernode running; logs in {logs}", flush=True)
+    return supervise([worker, supernode], stop)

@@ -4,20 +4,25 @@ One `flower-superlink` and one `flower-supernode` per dataset, on loopback, with
 the run directory) and SuperNode authentication (one registered key pair per node). Nodes are named
 after their dataset directory (`red`, `blue`, ...). Each `--drill-corrupt-node KIND` adds one more
 SuperNode on the first dataset, named `drill-KIND`, that runs that fault-injection drill
-(zk0.agent.node.DRILLS). The run is submitted with `flwr run`; everything started here is stopped
-before returning.
+(zk0.agent.node.DRILLS). With `--learn-workers`, every SuperNode gets a warm learning worker
+(zk0.agent.learning_worker) on a unix socket in a private temporary folder. The run is submitted with
+`flwr run`; everything started here is stopped before returning.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zk0.agent.node import DRILLS, NodeSettings, supernode_command
+from zk0.agent.node import (
+    DRILLS, NodeSettings, spawn_learn_worker, supernode_command, wait_for_learn_worker, with_learn_worker,
+)
 from zk0.server.certs import CertPaths, ensure_federation_keys
 from zk0.common.flower_process import LaunchError, ManagedProcess, free_port
 from zk0.server.launch import (
@@ -40,6 +45,8 @@ class LocalFleet:
     node_settings: list[NodeSettings] = field(default_factory=list)
     superlink: ManagedProcess | None = None
     supernodes: list[ManagedProcess] = field(default_factory=list)
+    workers: dict[str, ManagedProcess] = field(default_factory=dict)  # learning workers by address
+    socket_dir: Path | None = None  # their unix sockets (work_dir may be too long a path for one)
     node_ids: dict[str, int] = field(default_factory=dict)  # by node name, as the SuperLink registered them
     spec: SuperLinkSpec | None = None
     cli: FlowerCli | None = None
@@ -58,9 +65,9 @@ class LocalFleet:
         self.superlink = start_superlink(self.spec, self.work_dir / "logs" / "superlink.log")
 
     def add_node(self, name: str, datasets: list[Path], policy_store: Path,
-                 extra_node_config: Mapping[str, RunConfigValue] | None = None) -> int:
-        """Make and register a key pair for `name`, then start its SuperNode (node config `node-name`: `name`);
-        returns its node id."""
+                 extra_node_config: Mapping[str, RunConfigValue] | None = None, learn_worker: bool = False) -> int:
+        """Make and register a key pair for `name`, then start its SuperNode (node config `node-name`: `name`),
+        with a learning worker of its own if `learn_worker`; returns its node id."""
         assert self.spec is not None and self.cli is not None, "start_superlink() first"
         ensure_federation_keys(self.certs, [], [name])
         self.node_ids[name] = self.cli.register_node(self.certs.node_public_key(name), name=name)
@@ -69,12 +76,22 @@ class LocalFleet:
             root_certificates=self.certs.ca_cert, auth_private_key=self.certs.node_private_key(name),
             node_name=name, extra_node_config=dict(extra_node_config or {}),
         )
+        if learn_worker:
+            self.socket_dir = self.socket_dir or Path(tempfile.mkdtemp(prefix="zk0-fleet-"))
+            address = f"ipc://{self.socket_dir / name}.sock"
+            settings = with_learn_worker(settings, address)
+            self.workers[address] = spawn_learn_worker(settings, address, self.work_dir / "logs" / f"learn-worker-{name}.log")
         self.node_settings.append(settings)
         self.supernodes.append(ManagedProcess(
             f"supernode-{name}", supernode_command(settings, runtime_port=free_port()),
             self.work_dir / "logs" / f"supernode-{name}.log",
         ))
         return self.node_ids[name]
+
+    def wait_for_workers(self) -> None:
+        """Block until every learning worker answers (they import torch and lerobot first)."""
+        for address, worker in self.workers.items():
+            wait_for_learn_worker(worker, address)
 
     def wait_until_online(self, timeout_s: float = 120.0) -> None:
         """Block until every started SuperNode has connected, so the run's first query reaches them all."""
@@ -106,6 +123,12 @@ class LocalFleet:
         for node in self.supernodes:
             node.stop()
         self.supernodes.clear()
+        for worker in self.workers.values():
+            worker.stop()
+        self.workers.clear()
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None
         self.stop_superlink()
 
     def __enter__(self) -> LocalFleet:
@@ -167,6 +190,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "sends one kind of bad reply, to watch the server refuse it: nan / hash (broken update), "
                             "stats-nan (NaN statistics), inflate-examples (1000x its examples), huge-norm (delta "
                             "x1e4), stale-base (a delta against another global)")
+    local.add_argument("--learn-workers", action="store_true",
+                       help="give every SuperNode a warm learning worker (model built once per run, not per message)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -197,9 +222,12 @@ def run(args: argparse.Namespace) -> int:
             names = unique_names([f"drill-{kind}" if kind else root.name for root, kind in nodes])
             for name, (root, kind) in zip(names, nodes):
                 fleet.add_node(name, [root], out / "fleet" / "nodes" / name / "policies",
-                               extra_node_config={"drill": kind} if kind else None)
+                               extra_node_config={"drill": kind} if kind else None, learn_worker=args.learn_workers)
+            fleet.wait_for_workers()
             fleet.wait_until_online()
-            print(f"fleet: SuperLink {fleet.spec.address} (TLS, node auth) + {len(fleet.supernodes)} SuperNodes", flush=True)
+            workers = ", each with a learning worker" if fleet.workers else ""
+            print(f"fleet: SuperLink {fleet.spec.address} (TLS, node auth) + {len(fleet.supernodes)} SuperNodes{workers}",
+                  flush=True)
             status = fleet.run(config.run_config(args.config.resolve() if args.config else None),
                                timeout_s=args.timeout, on_poll=RoundProgress(out / "federated_metrics.json", args.rounds))
     except LaunchError as err:

@@ -210,12 +210,15 @@ def run_federation(grid: Grid, config: ServerConfig) -> int:
         started = time.monotonic()
         replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
                                         timeout=nodes.round_timeout_s)
+        train_done = time.monotonic()
         new_arrays, train_summary = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
             load_trainable_state(bundle.policy, arrays.to_torch_state_dict())
+        eval_sent = time.monotonic()
         eval_replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                              timeout=nodes.round_timeout_s)
+        eval_done = time.monotonic()
         client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
         server_eval = evaluator.evaluate()
         history.eval_losses.append(server_eval["loss"])
@@ -227,6 +230,8 @@ def run_federation(grid: Grid, config: ServerConfig) -> int:
             "train": dict(train_summary or {}), "client_eval": dict(client_eval or {}), "server_eval": server_eval,
             "bytes_out": record.bytes_out, "bytes_in": sum(c.bytes_in for c in record.clients.values()),
             "seconds": time.monotonic() - started,
+            # wall time of each phase's messages, from sending to the last reply (bench/round_overhead.py)
+            "phase_seconds": {"train": train_done - started, "evaluate": eval_done - eval_sent},
         }
         checkpoint(server_round, entry)
         log.info("round %d: server eval loss %.4f, %s", server_round, server_eval["loss"],
