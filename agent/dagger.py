@@ -19,25 +19,26 @@ the follower's envelope, and those frames carry the `intervention` flag.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from lerobot.common.control_utils import teleop_supports_feedback
-from lerobot.rollout.strategies.dagger import DAggerEvents, DAggerPhase
-from lerobot.teleoperators import Teleoperator
 
-from zk0.hw.safety import SafetyEnvelope
+if TYPE_CHECKING:  # lerobot is imported where the phases are used: the agent daemon reads VERBS without it
+    from lerobot.rollout.strategies.dagger import DAggerPhase
+    from lerobot.teleoperators import Teleoperator
 
-# verb -> (the phase it is valid in, lerobot's DAgger event)
-VERBS: dict[str, tuple[DAggerPhase, str]] = {
-    "pause": (DAggerPhase.AUTONOMOUS, "pause_resume"),
-    "resume": (DAggerPhase.PAUSED, "pause_resume"),
-    "correct": (DAggerPhase.PAUSED, "correction"),
-    "release": (DAggerPhase.CORRECTING, "correction"),
+    from zk0.hw.safety import SafetyEnvelope
+
+# verb -> (the value of the lerobot DAggerPhase it is valid in, lerobot's DAgger event)
+VERBS: dict[str, tuple[str, str]] = {
+    "pause": ("autonomous", "pause_resume"),
+    "resume": ("paused", "pause_resume"),
+    "correct": ("paused", "correction"),
+    "release": ("correcting", "correction"),
 }
-_NEXT_STEP = {DAggerPhase.AUTONOMOUS: "pause", DAggerPhase.PAUSED: "correct or resume",
-              DAggerPhase.CORRECTING: "release"}
+_NEXT_STEP = {"autonomous": "pause", "paused": "correct or resume", "correcting": "release"}
 
-PhaseHook = Callable[[DAggerPhase, DAggerPhase], object]
+PhaseHook = Callable[["DAggerPhase", "DAggerPhase"], object]
 
 
 def dagger_event(phase: DAggerPhase, verb: str, has_leader: bool) -> str:
@@ -47,8 +48,8 @@ def dagger_event(phase: DAggerPhase, verb: str, has_leader: bool) -> str:
     valid_in, event = VERBS[verb]
     if verb == "correct" and not has_leader:
         raise ValueError("correct needs the leader arm: start the rollout with --dagger")
-    if phase is not valid_in:
-        raise ValueError(f"cannot {verb} while {phase.value}; now: {_NEXT_STEP[phase]}")
+    if phase.value != valid_in:
+        raise ValueError(f"cannot {verb} while {phase.value}; now: {_NEXT_STEP[phase.value]}")
     return event
 
 
@@ -58,6 +59,9 @@ class Takeover:
 
     def __init__(self, leader: Teleoperator | None = None, leader_envelope: SafetyEnvelope | None = None,
                  keys: Sequence[str] = (), on_phase: PhaseHook | None = None) -> None:
+        from lerobot.common.control_utils import teleop_supports_feedback
+        from lerobot.rollout.strategies.dagger import DAggerEvents
+
         if leader is not None and leader_envelope is None:
             raise ValueError("a leader arm needs its envelope: the handover drives it")
         self.leader = leader
@@ -87,13 +91,13 @@ class Takeover:
         """A new episode starts autonomous: undo the handover of whatever phase the last one ended in."""
         phase = self._events.phase
         self._events.reset()
-        if phase is not DAggerPhase.AUTONOMOUS:
-            self._hand_over(phase, DAggerPhase.AUTONOMOUS)
+        if phase is not self._events.phase:
+            self._hand_over(phase, self._events.phase)
 
     def _hand_over(self, old: DAggerPhase, new: DAggerPhase) -> None:
         if self._actuated:
-            if new is DAggerPhase.PAUSED:
-                if old is DAggerPhase.AUTONOMOUS:
+            if new.value == "paused":
+                if old.value == "autonomous":
                     self._envelope.reset()
                 self.leader.enable_torque()  # held where the operator let go, or driven to the follower
             else:

@@ -19,6 +19,11 @@ deadline never outlives the agent's; it renews every `renew_interval()` seconds 
 once its deadline passes without a renewal (the agent stopped answering), so a holder never starts a
 training step on an expired lease. An agent that refuses, answers with an error (it predates
 leases) or does not answer at all grants nothing: the node does not train that round.
+
+A grant may name the agent's event stream (`"events": "ipc://.../events.sock"`, zk0.agent.events): the holder
+then also listens there and loses the lease the moment the agent publishes its end (`{"type": "lease",
+"status": "ended", "lease_id": ...}`), so an operator who starts recording waits for one training step, not for
+the next renewal.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from zk0.agent import control
 PURPOSE_TRAIN = "train"
 DEFAULT_TTL_S = 30.0
 RENEW_EVERY_S = 5.0
+WAKE_S = 0.1  # how often the holder's thread looks for a revocation or its stop
 MAX_TTL_S = 3600.0
 LEASE, RENEW, RELEASE = "lease", "lease-renew", "lease-release"
 
@@ -107,9 +113,11 @@ class LeaseRelease:
 class LeaseGrant:
     lease_id: str
     ttl_s: float
+    events: str = ""  # the agent's event stream, where it announces revocations at once; "": renewals only
 
     def to_reply(self) -> dict[str, Any]:
-        return {"granted": True, "lease_id": self.lease_id, "ttl_s": self.ttl_s}
+        return {"granted": True, "lease_id": self.lease_id, "ttl_s": self.ttl_s,
+                **({"events": self.events} if self.events else {})}
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,9 @@ def parse_answer(reply: Mapping[str, Any]) -> LeaseGrant | LeaseRefusal:
         return LeaseRefusal(str(reply.get("reason") or "refused without a reason"))
     if reply.get("granted") is True:
         try:
-            return LeaseGrant(_text(reply, "lease_id", "reply"), _ttl(reply, "reply"))
+            events = reply.get("events", "")
+            return LeaseGrant(_text(reply, "lease_id", "reply"), _ttl(reply, "reply"),
+                              events if isinstance(events, str) else "")
         except ValueError:
             pass
     return LeaseRefusal("the agent sent a malformed lease reply")
@@ -189,19 +199,41 @@ class HeldLease:
             self._lost = self._lost or reason
 
     def _renew_until_stopped(self) -> None:
-        while not self._stop.wait(self._interval) and not self.should_stop():
-            sent_at = time.monotonic()
-            try:
-                reply = control.request(self.address, RENEW, self.timeout_s,
-                                        args=LeaseRenewal(self.grant.lease_id, self.grant.ttl_s).to_args())
-            except TimeoutError:
-                continue  # try again next interval; should_stop() ends the lease at its deadline
-            answer = parse_answer(reply)
-            if isinstance(answer, LeaseRefusal):
-                self._lose(f"lease revoked by the agent: {answer.reason}")
-                return
-            with self._lock:
-                self._deadline = lease_deadline(sent_at, answer.ttl_s)
+        revocations = _subscribe(self.grant.events) if self.grant.events else None
+        next_renewal = time.monotonic() + self._interval
+        try:
+            while not self._stop.is_set() and not self.should_stop():
+                if revocations is not None and revocations.poll(int(WAKE_S * 1000)):
+                    reason = revocation_reason(revocations.recv(), self.grant.lease_id)
+                    if reason is not None:
+                        self._lose(f"lease revoked by the agent: {reason}")
+                        return
+                elif revocations is None:
+                    self._stop.wait(WAKE_S)
+                if time.monotonic() < next_renewal:
+                    continue
+                next_renewal = time.monotonic() + self._interval
+                if not self._renew():
+                    return
+        finally:
+            if revocations is not None:
+                revocations.close(linger=0)
+
+    def _renew(self) -> bool:
+        """One renewal; False once the agent refused it (the lease is lost)."""
+        sent_at = time.monotonic()
+        try:
+            reply = control.request(self.address, RENEW, self.timeout_s,
+                                    args=LeaseRenewal(self.grant.lease_id, self.grant.ttl_s).to_args())
+        except TimeoutError:
+            return True  # try again next interval; should_stop() ends the lease at its deadline
+        answer = parse_answer(reply)
+        if isinstance(answer, LeaseRefusal):
+            self._lose(f"lease revoked by the agent: {answer.reason}")
+            return False
+        with self._lock:
+            self._deadline = lease_deadline(sent_at, answer.ttl_s)
+        return True
 
     def __enter__(self) -> HeldLease:
         self._thread.start()
@@ -215,6 +247,30 @@ class HeldLease:
                 control.request(self.address, RELEASE, self.timeout_s, args=LeaseRelease(self.grant.lease_id).to_args())
             except TimeoutError:
                 pass
+
+
+def _subscribe(address: str) -> Any:
+    import zmq
+
+    socket = zmq.Context.instance().socket(zmq.SUB)
+    socket.setsockopt_string(zmq.SUBSCRIBE, "")
+    socket.connect(address)
+    return socket
+
+
+def revocation_reason(message: bytes, lease_id: str) -> str | None:
+    """The reason in an agent event that ends lease `lease_id`; None for any other (or malformed) event."""
+    import json
+
+    try:
+        event = json.loads(message)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(event, dict) or event.get("type") != "lease" or event.get("status") != "ended":
+        return None
+    if event.get("lease_id") != lease_id:
+        return None
+    return str(event.get("reason") or "ended")
 
 
 def acquire(address: str, purpose: str = PURPOSE_TRAIN, ttl_s: float = DEFAULT_TTL_S, holder: str = "",

@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from zk0.agent.config import ConfigError, load_config
     from zk0.agent.dataset_store import DatasetError
+    from zk0.agent.ownership import RobotOwned, refuse_if_agent_owns_robot
     from zk0.agent.writer_process import WriterDied
     from zk0.hw.robots import CalibrationError
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         print("zk0 record: --episodes must be positive", file=sys.stderr)
         return 2
     try:
+        if not args.sim:
+            refuse_if_agent_owns_robot("record")
         config = load_config(args.config, check_devices=not args.sim)
         settings = dataclasses.replace(
             config.record,
@@ -61,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except (ConfigError, DatasetError, CalibrationError) as exc:
         print(f"zk0 record: {exc}", file=sys.stderr)
+        return 2
+    except RobotOwned as exc:
+        print(exc, file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError) as exc:
         # The episode in progress is dropped; committed episodes are safe on disk.

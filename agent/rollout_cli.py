@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from zk0.agent.config import ConfigError, load_config
     from zk0.agent.dataset_store import DatasetError
+    from zk0.agent.ownership import RobotOwned, refuse_if_agent_owns_robot
     from zk0.agent.policy_store import PolicyStoreError
     from zk0.hw.robots import CalibrationError
     from zk0.learn.checkpoint import CheckpointInvalid
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         print("zk0 rollout: --bus-trace needs --sim (it is the simulated servos' log)", file=sys.stderr)
         return 2
     try:
+        if not args.sim:
+            refuse_if_agent_owns_robot("rollout")
         config = load_config(args.config, check_devices=not args.sim)
         config = dataclasses.replace(
             config, datasets_root=args.root or config.datasets_root,
@@ -74,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         return _rollout(config, args)
     except (ConfigError, DatasetError, CalibrationError, PolicyStoreError, FileNotFoundError, CheckpointInvalid) as exc:
         print(f"zk0 rollout: {exc}", file=sys.stderr)
+        return 2
+    except RobotOwned as exc:
+        print(exc, file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError) as exc:
         print(f"zk0 rollout: hardware error, stopped: {exc}", file=sys.stderr)

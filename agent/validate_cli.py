@@ -52,12 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from zk0.agent.config import ConfigError
     from zk0.agent.lockstep import policy_in_sim
+    from zk0.agent.ownership import RobotOwned, refuse_if_agent_owns_robot
     from zk0.agent.policy_store import PolicyStoreError
     from zk0.hw.robots import CalibrationError
 
     if not args.sim and args.config is None:
         args.config = ROBOT_CONFIG
     try:
+        if not args.sim:
+            refuse_if_agent_owns_robot("validate")
         setup = _setup(args)
         policies = {role: _load(ref, setup.store, args.device) for role, ref in
                     (("candidate", args.policy), ("active", args.against))}
@@ -69,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         outcomes, stopped = (_sim_outcomes(setup, runners), None) if args.sim else _robot_outcomes(args, setup, policies)
     except (ConfigError, PolicyStoreError, ValueError, FileNotFoundError, CalibrationError) as error:
         print(f"zk0 validate: {error}", file=sys.stderr)
+        return 2
+    except RobotOwned as error:
+        print(error, file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError) as error:
         print(f"zk0 validate: hardware error, stopped: {error}", file=sys.stderr)

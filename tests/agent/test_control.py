@@ -119,7 +119,7 @@ def test_zk0ctl_status_and_stop_a_recording_session(sim_arms_config: Path, capsy
         while time.monotonic() < deadline and status.get("frames", 0) < 10:
             assert recorder.poll() is None, recorder.communicate()[1][-2000:]
             capsys.readouterr()
-            if zk0ctl(["status", "--address", address, "--timeout", "0.5"]) == 0:
+            if zk0ctl(["status", "--json", "--address", address, "--timeout", "0.5"]) == 0:
                 status = json.loads(capsys.readouterr().out)
             time.sleep(0.5)
         assert status["state"] == "recording" and status["dataset"] == "ctl" and status["episode"] == 0

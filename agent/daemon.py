@@ -1,0 +1,276 @@
+"""`zk0 agent` (console script `zk0-agent`): the robot host's daemon, started by systemd (zk0-agent.service).
+
+It owns the robot (zk0.agent.ownership): recording sessions, rollouts and validations run as its jobs, one at a
+time (zk0.agent.daemon_core, with the state machine of zk0.agent.daemon_state); it grants the training leases
+its Flower SuperNode's ClientApps ask for, inside the configured idle windows (zk0.agent.idle), and revokes them
+when an operator needs the robot; it supervises that SuperNode (zk0.agent.supernode). Operators and tools talk
+to it through `zk0ctl` at `<runtime-dir>/agent.sock` (mode 0660, group zk0) and follow it at
+`<runtime-dir>/events.sock` (zk0.agent.events).
+
+systemd: READY=1 once the config is valid, the robot's devices exist and both sockets are bound; WATCHDOG=1 from
+the agent's loop at half the configured WatchdogSec, so a hung loop stops the pings; STATUS= follows the state;
+STOPPING=1 on SIGTERM, which stops the job (the recorder saves its episode, a rollout holds then cuts torque),
+revokes the lease, stops the SuperNode and exits 0. SIGHUP reloads the config; an invalid one is refused, logged
+and the old one kept. `--sim` runs every job on the simulated rig with the scripted operator, and needs no
+config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import grp
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path("/etc/zk0/agent.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/zk0")
+SOCKET_GROUP = "zk0"
+LOOP_PERIOD_S = 0.2
+DRILL_ENV = "ZK0_AGENT_DRILL"  # "hang-loop-after:SECONDS": the loop stops (for the systemd watchdog test)
+log = logging.getLogger("zk0.agent")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help=f"agent config (default {DEFAULT_CONFIG}; with --sim: built-in defaults)")
+    parser.add_argument("--sim", action="store_true", help="simulated rig and scripted operator for every job")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help="datasets, policies, reports and logs (default %(default)s)")
+    parser.add_argument("--runtime-dir", type=Path, help="sockets and the robot lock (default $ZK0_RUNTIME_DIR or /run/zk0)")
+    parser.add_argument("--check-config", action="store_true", help="print the effective config, or its errors, and exit")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zk0-agent", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def sim_defaults(state_dir: Path) -> dict[str, Any]:
+    """The config `--sim` runs with when none is given: jobs replace ports, cameras and calibration with the rig's."""
+    return {"host_id": socket.gethostname(), "robot_type": "so101",
+            "follower": {"port": "sim", "id": "follower", "calibration_dir": str(state_dir / "calibration")},
+            "leader": {"port": "sim", "id": "leader", "calibration_dir": str(state_dir / "calibration")},
+            "cameras": [{"name": "front", "type": "zmq"}, {"name": "wrist", "type": "zmq"}],
+            "datasets_root": str(state_dir / "datasets")}
+
+
+def plain(value: Any) -> Any:
+    """A config as YAML-ready data (paths as text, enums as values), read back by the same typed builder."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def load_agent_config(args: argparse.Namespace) -> Any:
+    """The config the agent runs with; ConfigError naming the key (and file) when it is wrong."""
+    from zk0.agent.config import load_config, parse_config
+
+    if args.config is None and args.sim:
+        return parse_config(sim_defaults(args.state_dir), source="built-in --sim defaults")
+    return load_config(args.config or DEFAULT_CONFIG, check_devices=not args.sim)
+
+
+def prepare_dir(path: Path, what: str, mode: int) -> Path:
+    """Create `path` if needed and check this process can write there; OSError with one clear line if not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+        probe = path / f".zk0-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"{what} {path} is not writable by this user ({error.strerror or error}); "
+                      f"pass --{what.replace(' ', '-')} or fix its owner") from None
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from zk0.agent import systemd
+    from zk0.agent.config import ConfigError
+    from zk0.agent.ownership import RobotOwned, runtime_dir
+
+    systemd.configure_logging(args.log_level)
+    args.runtime_dir = args.runtime_dir or runtime_dir()
+    try:
+        config = load_agent_config(args)
+    except ConfigError as error:
+        print(f"zk0 agent: {error}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(yaml.safe_dump(plain(config), sort_keys=False), end="")
+        return 0
+    try:
+        prepare_dir(args.state_dir, "state dir", 0o750)
+        prepare_dir(args.runtime_dir, "runtime dir", 0o750)
+        agent = Agent(config, args)
+    except (OSError, RobotOwned) as error:
+        print(f"zk0 agent: {error}", file=sys.stderr)
+        return 2
+    return agent.serve()
+
+
+class Agent:
+    """The daemon's process shell: sockets, the SuperNode, signals, systemd, the loop; decisions are the core's."""
+
+    def __init__(self, config: Any, args: argparse.Namespace) -> None:
+        from zk0.agent.control import ControlServer
+        from zk0.agent.daemon_core import COMMANDS, AgentCore, AgentPaths
+        from zk0.agent.events import EventPublisher
+        from zk0.agent.ownership import RobotLock
+
+        self.args = args
+        self.paths = AgentPaths(args.state_dir.resolve(), args.runtime_dir.resolve())
+        self.lock = RobotLock(self.paths.runtime_dir)
+        self.lock.acquire()
+        self.events = EventPublisher(self.paths.events)
+        federation = config.federation
+        store = federation.policy_store if federation else self.paths.state_dir / "policies"
+        self.core = AgentCore(config, self.paths, args.sim, store, self.events.publish)
+        self._write_effective_config(config)
+        self.control = ControlServer(self.paths.control, COMMANDS, self.core.handle)
+        for path in (self.paths.runtime_dir / "agent.sock", self.paths.runtime_dir / "events.sock"):
+            restrict_socket(path)
+        self.supernode = self._supernode(config)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._status_sent = ""
+
+    def _write_effective_config(self, config: Any) -> None:
+        path = self.paths.effective_config
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(plain(config), sort_keys=False))
+        tmp.replace(path)
+
+    def _supernode(self, config: Any):
+        from zk0.agent.supernode import SupernodeSupervisor
+
+        if config.federation is None:
+            return None
+        return SupernodeSupervisor(config, self.paths.control, self.paths.logs / "supernode.log", self.events.publish)
+
+    def serve(self) -> int:
+        from zk0.agent import systemd
+
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        interval = systemd.watchdog_interval_s()
+        ping_every = interval / 2 if interval else None
+        hang_at = _drill_hang_at()
+        systemd.ready(self._status_line())
+        log.info("zk0 agent ready: control %s, events %s, state %s%s", self.paths.control, self.paths.events,
+                 self.paths.state_dir, " (sim)" if self.args.sim else "")
+        self.events.publish("state", state=self.core.state.value, previous=None, reason="agent started")
+        last_ping = 0.0
+        try:
+            while not self._stop.wait(LOOP_PERIOD_S):
+                if hang_at is not None and time.monotonic() >= hang_at:
+                    log.warning("drill: the agent's loop hangs now (%s)", DRILL_ENV)
+                    self._stop.wait()
+                    break
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._reload_config()
+                try:
+                    self.core.tick()
+                    if self.supernode is not None:
+                        self.supernode.tick()
+                    self._send_status()
+                except Exception:  # one bad tick must not end the agent that keeps the robot safe; it is logged
+                    log.exception("agent loop tick failed")
+                if ping_every and time.monotonic() - last_ping >= ping_every:
+                    systemd.watchdog()
+                    last_ping = time.monotonic()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _status_line(self) -> str:
+        core = self.core
+        job = f", {core.job.kind}: {core.job.last_line[:120]}" if core.job and core.job.last_line else ""
+        return f"{core.state.value}: {core.reason}{job}"
+
+    def _send_status(self) -> None:
+        from zk0.agent import systemd
+
+        line = self._status_line()
+        if line != self._status_sent:
+            systemd.status(line)
+            self._status_sent = line
+
+    def _reload_config(self) -> None:
+        from zk0.agent import systemd
+        from zk0.agent.config import ConfigError
+
+        systemd.reloading()
+        try:
+            config = load_agent_config(self.args)
+        except ConfigError as error:
+            log.error("config reload refused, keeping the running config: %s", error)
+            self.events.publish("config", status="refused", error=str(error))
+        else:
+            with self.core.lock:
+                federation_changed = config.federation != self.core.config.federation
+                self.core.config = config
+                self._write_effective_config(config)
+            if federation_changed:
+                if self.supernode is not None:
+                    self.supernode.stop()
+                self.supernode = self._supernode(config)
+            log.info("config reloaded%s", " (SuperNode restarted)" if federation_changed else "")
+            self.events.publish("config", status="reloaded", supernode_restarted=federation_changed)
+        systemd.ready(self._status_line())
+
+    def _shutdown(self) -> None:
+        from zk0.agent import systemd
+
+        systemd.stopping("stopping")
+        log.info("zk0 agent stopping")
+        with self.core.lock:
+            job, lease_held = self.core.job, self.core.lease is not None
+            if lease_held:
+                self.core.end_lease("revoked: the agent is stopping")
+        if job is not None and job.running:
+            code = job.stop()
+            log.info("%s job stopped (exit status %s)", job.kind, code)
+        if self.supernode is not None:
+            self.supernode.stop()
+        self.events.publish("state", state="stopped", previous=self.core.state.value, reason="agent stopped")
+        self.control.close()
+        self.events.close()
+        self.lock.release()
+
+
+def restrict_socket(path: Path) -> None:
+    """Mode 0660 and group zk0 (when the group exists): only the agent's user and the zk0 group reach it."""
+    try:
+        os.chown(path, -1, grp.getgrnam(SOCKET_GROUP).gr_gid)
+    except (KeyError, PermissionError):
+        pass  # no zk0 group (a developer machine): the owner-only part of the mode still applies
+    os.chmod(path, 0o660)
+
+
+def _drill_hang_at() -> float | None:
+    value = os.environ.get(DRILL_ENV, "")
+    if not value.startswith("hang-loop-after:"):
+        return None
+    return time.monotonic() + float(value.split(":", 1)[1])

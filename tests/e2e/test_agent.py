@@ -1,0 +1,110 @@
+"""`zk0 agent --sim` as systemd runs it: a subprocess with NOTIFY_SOCKET at a test datagram socket.
+
+- READY arrives once the sockets are bound; WATCHDOG pings keep coming at half the configured WatchdogSec;
+  STATUS follows the state through a recording session driven by `zk0ctl` only (2 episodes); a standalone
+  `zk0 record` refuses while the agent owns the robot; SIGHUP with a broken config keeps the old one; SIGTERM
+  stops cleanly (STOPPING, exit 0).
+- The drill `ZK0_AGENT_DRILL=hang-loop-after:S` hangs the agent's loop: the pings stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agent.notify_socket import NotifyListener, notify_socket  # noqa: F401 (the fixture)
+from tests.e2e.conftest import REPO, run_zk0
+
+pytestmark = pytest.mark.slow
+WATCHDOG_S = 2.0
+
+
+def start_agent(tmp_path: Path, listener: NotifyListener, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zk0.cli", "agent", "--sim", "--state-dir", str(tmp_path / "state"),
+         "--runtime-dir", str(tmp_path / "run"), *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**listener.environ(watchdog_s=WATCHDOG_S, base=os.environ), **(env or {})},
+    )
+
+
+def zk0ctl(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from zk0.agent.ctl import main; sys.exit(main())",
+                           "--runtime-dir", str(tmp_path / "run"), *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_agent_under_systemd_records_through_zk0ctl_reloads_and_stops(tmp_path: Path, notify_socket: NotifyListener) -> None:
+    config = tmp_path / "agent.yaml"
+    good = (REPO / "configs" / "agent.yaml").read_text().replace(
+        "datasets_root: /var/lib/zk0/datasets", f"datasets_root: {tmp_path / 'state' / 'datasets'}")
+    config.write_text(good)
+    agent = start_agent(tmp_path, notify_socket, "--config", str(config))
+    try:
+        notify_socket.wait_for("READY", pid=agent.pid, timeout_s=120)
+        assert zk0ctl(tmp_path, "status").stdout.strip() == "idle"
+        refused = standalone_record(tmp_path, config)
+        assert refused.returncode == 2 and "owns the robot" in refused.stderr, refused.stderr
+
+        started = zk0ctl(tmp_path, "record", "start", "--dataset", "demo", "--task", "pick the red cube",
+                         "--episodes", "2", "--episode-time-s", "2")
+        assert started.returncode == 0, started.stderr
+        assert zk0ctl(tmp_path, "rollout", "start", "--task", "pick the red cube").returncode == 2  # robot busy
+        deadline = time.monotonic() + 300
+        while zk0ctl(tmp_path, "status").stdout.strip() != "idle":
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(1.0)
+        status = json.loads(zk0ctl(tmp_path, "status", "--json").stdout)
+        assert status["reason"] == "session complete", status
+        commit = json.loads((tmp_path / "state" / "datasets" / "demo" / "meta" / "zk0.json").read_text())
+        assert len(commit["episodes"]) == 2
+
+        states = [s.split(":")[0] for s in notify_socket.values("STATUS", pid=agent.pid)]
+        assert "recording" in states and states[-1] == "idle", states
+        pings = notify_socket.times("WATCHDOG", pid=agent.pid)
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert len(pings) >= 10 and max(gaps) < WATCHDOG_S, gaps  # half the WatchdogSec, never a whole one
+
+        config.write_text("robot_type: so101\nfollower: {port: 1}\n")  # broken: refused, the old one kept
+        agent.send_signal(signal.SIGHUP)
+        notify_socket.wait_for("RELOADING", pid=agent.pid, timeout_s=30)
+        time.sleep(1.0)
+        assert zk0ctl(tmp_path, "status").stdout.strip() == "idle"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        output, _ = agent.communicate(timeout=120)
+    assert agent.returncode == 0, output
+    assert "config reload refused, keeping the running config" in output
+    notify_socket.wait_for("STOPPING", pid=agent.pid, timeout_s=5)
+    config.write_text(good)
+    after = standalone_record(tmp_path, config)  # no agent: it gets as far as the missing serial port
+    assert after.returncode == 2 and "owns the robot" not in after.stderr and "not found" in after.stderr, after.stderr
+
+
+def standalone_record(tmp_path: Path, config: Path) -> subprocess.CompletedProcess:
+    return run_zk0("record", "--config", str(config), "--dataset", "x", "--task", "pick the red cube", "--episodes",
+                   "1", timeout=120, env={"ZK0_RUNTIME_DIR": str(tmp_path / "run")})
+
+
+def test_a_hung_agent_loop_stops_the_watchdog_pings(tmp_path: Path, notify_socket: NotifyListener) -> None:
+    agent = start_agent(tmp_path, notify_socket, env={"ZK0_AGENT_DRILL": "hang-loop-after:3"})
+    try:
+        notify_socket.wait_for("READY", pid=agent.pid, timeout_s=120)
+        ready_at = notify_socket.times("READY", pid=agent.pid)[0]
+        time.sleep(3 + 3 * WATCHDOG_S)
+        pings = notify_socket.times("WATCHDOG", pid=agent.pid)
+        assert pings and all(t < ready_at + 3 + LOOP_SLACK_S for t in pings), (ready_at, pings)
+        assert len(pings) >= 2  # it pinged while the loop ran
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.communicate(timeout=60)
+
+
+LOOP_SLACK_S = 1.5  # the drill's clock starts before READY; one more ping may already be under way
