@@ -6,7 +6,7 @@ APT_PACKAGES := libsystemd-dev pkg-config ffmpeg
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo test test-slow test-all bench clean install-units
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -38,3 +38,24 @@ bench: setup
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# Units, the zk0 user and group, and the commands the units start (links into BINDIR to this checkout's venv).
+# Run as root; DESTDIR stages everything under another root (sysusers then edits DESTDIR/etc/passwd).
+UNITDIR ?= /etc/systemd/system
+SYSUSERSDIR ?= /etc/sysusers.d
+BINDIR ?= /usr/local/bin
+install-units:
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)/etc/zk0
+	install -m 0644 systemd/zk0-agent.service systemd/zk0-server.service $(DESTDIR)$(UNITDIR)/
+	install -m 0644 systemd/zk0.sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/zk0.conf
+	systemd-sysusers $(if $(DESTDIR),--root=$(DESTDIR)) zk0.conf
+	@venv=$(abspath $(VENV)); for cmd in zk0 zk0-agent zk0ctl; do \
+		if [ -x $$venv/bin/$$cmd ]; then ln -sfn $$venv/bin/$$cmd $(DESTDIR)$(BINDIR)/$$cmd; \
+		else echo "install-units: $$venv/bin/$$cmd missing: $(BINDIR)/$$cmd not linked"; fi; \
+	done
+	@for path in $(abspath $(VENV)) $$(readlink -f $(VENV)/bin/python); do case "$$path/" in /home/*|/root/*|/run/user/*) \
+		echo "install-units: WARNING: $$path is under a home directory, which the units hide (ProtectHome=yes)" \
+		"and user zk0 may not read: install zk0 and its Python elsewhere, e.g. /opt/zk0";; esac; done
+	@if [ -n "$(DESTDIR)" ]; then :; elif [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	else echo "install-units: systemd is not running here: no daemon-reload"; fi
+	@echo "install-units: next: put agent.yaml (or server.yaml) in /etc/zk0, then systemctl enable --now zk0-agent"
