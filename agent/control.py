@@ -19,6 +19,8 @@ from typing import Any
 import zmq
 
 DEFAULT_CONTROL_ADDRESS = "ipc:///run/zk0/agent.sock"
+MAX_REQUEST_BYTES = 64 * 1024  # far above any real request; larger ones get an error reply
+MAX_MESSAGE_BYTES = 16 * 2**20  # ZeroMQ drops a peer sending more, before it is buffered
 log = logging.getLogger("zk0.agent.control")
 
 # Checks a command's "args" object and returns what the handler gets; raises ValueError naming the fault.
@@ -76,6 +78,7 @@ class ControlServer:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._socket.bind(address)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="zk0-control", daemon=True)
@@ -88,7 +91,11 @@ class ControlServer:
             if not poller.poll(100):
                 continue
             raw = self._socket.recv()
+            while self._socket.getsockopt(zmq.RCVMORE):  # a multipart request: REP must read it all before replying
+                raw += self._socket.recv()
             try:
+                if len(raw) > MAX_REQUEST_BYTES:
+                    raise ValueError(f"request of {len(raw)} bytes is over the {MAX_REQUEST_BYTES} byte limit")
                 reply = {"ok": True, **self._handler(parse_request(raw, self._commands))}
             except ValueError as exc:
                 reply = {"ok": False, "error": str(exc)}

@@ -31,6 +31,14 @@ STOP_GRACE_S = 30.0  # a recorder finishing its episode, a rollout holding then 
 NOISE_PREFIXES = ("Svt[", "Map:")
 
 
+SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")  # the agent's own line to systemd
+
+
+def without_systemd(environment: Mapping[str, str]) -> dict[str, str]:
+    """An environment without the agent's systemd notification variables: a child is not the service."""
+    return {key: value for key, value in environment.items() if key not in SYSTEMD_ONLY}
+
+
 class Job:
     """One running job: its output goes to `log_path` and, line by line, to `on_line`; operator commands go to
     its private control address."""
@@ -49,7 +57,7 @@ class Job:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "zk0.cli", *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,  # the agent's signals are not the job's
-            env={**os.environ, **(env or {}), AGENT_JOB_ENV: "1", "PYTHONUNBUFFERED": "1"},
+            env={**without_systemd(os.environ), **(env or {}), AGENT_JOB_ENV: "1", "PYTHONUNBUFFERED": "1"},
         )
         self.last_line = ""
         self._reader = threading.Thread(target=self._read, name=f"zk0-job-{kind}", daemon=True)

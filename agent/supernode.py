@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from zk0.agent.daemon_jobs import without_systemd
 from zk0.common.flower_process import ManagedProcess, flower_env
 
 log = logging.getLogger("zk0.agent.supernode")
@@ -56,7 +57,7 @@ class SupernodeSupervisor:
             log.warning("flower-supernode exited with %s after %.0f s; restart in %.0f s", code, ran_s, self._backoff_s)
             self._on_event("supernode", status="exited", returncode=code, restart_in_s=self._backoff_s)
         if self._process is None and now >= self._next_start:
-            self._process = ManagedProcess("supernode", self.command, self.log_path, env=flower_env())
+            self._process = ManagedProcess("supernode", self.command, self.log_path, env=without_systemd(flower_env()))
             self._started_at = now
             self.restarts += self._next_start > 0
             self._on_event("supernode", status="started", pid=self._process.process.pid)

@@ -20,48 +20,33 @@ from zk0.agent.lease import LeaseGrant, LeaseRefusal, LeaseRelease, LeaseRenewal
 NODE_ID = 7
 
 
-class GrantingAgent:
-    """A small granting agent on a real control socket: grants leases for `ttl_s` (an agent may grant less than
-    asked), renews them until `revoke(reason)`, or after `revoke_at_renewal` renewals; refuses all while busy."""
+class Agent:
+    """The agent's real decision core (zk0.agent.daemon_core) and command table on a real control socket, with
+    its event stream, under idle settings that grant at any hour whatever the load of this test machine."""
 
-    def __init__(self, address: str, ttl_s: float = 0.3, busy: str = "", revoke_at_renewal: int = 0) -> None:
-        self.ttl_s, self.busy, self.revoke_at_renewal = ttl_s, busy, revoke_at_renewal
-        self.revoked = ""
-        self.seen: list[Request] = []
-        self.held: set[str] = set()
-        self._lock = threading.Lock()
-        self.server = ControlServer(address, lease.COMMANDS, self.handle)
+    IDLE = {"quiet_time_s": 0, "max_load_per_core": None, "min_free_disk_mb": None, "min_free_memory_mb": None,
+            "max_temperature_c": None, "require_ac_power": False}
 
-    def revoke(self, reason: str) -> None:
-        with self._lock:
-            self.revoked = reason
+    def __init__(self, address: str) -> None:
+        from zk0.agent.config import parse_config
+        from zk0.agent.daemon import sim_defaults
+        from zk0.agent.daemon_core import COMMANDS, AgentCore, AgentPaths
+        from zk0.agent.events import EventPublisher
 
-    def handle(self, req: Request) -> dict:
-        with self._lock:
-            self.seen.append(req)
-            if req.command == lease.RELEASE:
-                self.held.discard(req.args.lease_id)
-                return {"released": True}
-            if self.busy:
-                return LeaseRefusal(self.busy).to_reply()
-            if req.command == lease.LEASE:
-                lease_id = f"lease-{len(self.seen)}"
-                self.held.add(lease_id)
-                return LeaseGrant(lease_id, min(req.args.ttl_s, self.ttl_s)).to_reply()
-            renewals = sum(r.command == lease.RENEW for r in self.seen)
-            if self.revoke_at_renewal and renewals >= self.revoke_at_renewal:
-                self.revoked = self.revoked or "an operator started recording"
-            if self.revoked or req.args.lease_id not in self.held:
-                self.held.discard(req.args.lease_id)
-                return LeaseRefusal(self.revoked or "unknown lease").to_reply()
-            return LeaseGrant(req.args.lease_id, min(req.args.ttl_s, self.ttl_s)).to_reply()
+        runtime = Path(address.removeprefix("ipc://")).parent
+        paths = AgentPaths(runtime / "state", runtime)
+        self.events = EventPublisher(paths.events)
+        self.core = AgentCore(parse_config({**sim_defaults(paths.state_dir), "idle": self.IDLE}), paths, True,
+                              runtime / "policies", self.events.publish)
+        self.server = ControlServer(address, COMMANDS, self.core.handle)
 
-    def commands(self) -> list[str]:
-        with self._lock:
-            return [r.command for r in self.seen]
+    def operator(self, command: str, args=None) -> dict:
+        """What `zk0ctl` would ask (e.g. `train pause`, `estop`)."""
+        return self.core.handle(Request(command, args if args is not None else {}))
 
     def close(self) -> None:
         self.server.close()
+        self.events.close()
 
 
 @pytest.fixture
@@ -115,12 +100,12 @@ def test_expiry_math() -> None:
 
 
 def test_malformed_lease_requests_never_reach_the_agent(address: str) -> None:
-    agent = GrantingAgent(address)
+    agent = Agent(address)
     try:
         reply = request(address, lease.LEASE, args={"purpose": "train", "ttl_s": -5})
         assert reply == {"ok": False, "error": 'lease: "ttl_s" must be a number of seconds in (0, 3600]'}
         assert request(address, lease.RENEW, args={"lease_id": "x", "ttl_s": 1, "extra": 1})["ok"] is False
-        assert agent.seen == []
+        assert agent.core.lease is None and agent.core.state.value == "idle"
     finally:
         agent.close()
 
@@ -128,54 +113,56 @@ def test_malformed_lease_requests_never_reach_the_agent(address: str) -> None:
 # --- the client against a real agent socket -----------------------------------------------------------------
 
 def test_grant_is_renewed_past_its_ttl_and_released(address: str) -> None:
-    agent = GrantingAgent(address, ttl_s=0.6)
+    agent = Agent(address)
     try:
-        held = lease.acquire(address, holder="flower node 7")
+        held = lease.acquire(address, holder="flower node 7", ttl_s=0.6)
         assert isinstance(held, lease.HeldLease) and held.grant.ttl_s == pytest.approx(0.6)
-        assert agent.seen[0].args == LeaseRequest("train", lease.DEFAULT_TTL_S, "flower node 7")
+        assert held.grant.events.endswith("events.sock")  # revocations are announced, not only refused
+        assert agent.core.state.value == "training" and agent.core.lease.holder == "flower node 7"
         with held:
-            deadline = time.monotonic() + 1.5  # more than twice the granted ttl
+            deadline = time.monotonic() + 1.5  # more than twice the granted ttl: only renewals keep it
             while time.monotonic() < deadline:
-                assert not held.should_stop()
+                assert not held.should_stop() and agent.core.lease is not None
                 time.sleep(0.02)
         assert held.lost_reason is None
-        commands = agent.commands()
-        assert commands[0] == lease.LEASE and commands[-1] == lease.RELEASE and commands.count(lease.RENEW) >= 3
-        assert agent.held == set()
+        assert agent.core.lease is None and agent.core.state.value == "idle"  # released
     finally:
         agent.close()
 
 
 def test_refusal_and_no_agent_grant_nothing(address: str, tmp_path: Path) -> None:
-    agent = GrantingAgent(address, busy="outside the configured training hours")
+    agent = Agent(address)
     try:
-        assert lease.acquire(address) == LeaseRefusal("outside the configured training hours")
+        agent.operator("train", "pause")
+        assert lease.acquire(address) == LeaseRefusal("training paused by the operator (zk0ctl train resume)")
+        agent.operator("train", "resume")
+        agent.operator("estop")
+        assert lease.acquire(address) == LeaseRefusal("emergency stop engaged")
     finally:
         agent.close()
     nobody = f"ipc://{tmp_path}/nobody.sock"
     assert lease.acquire(nobody, timeout_s=0.2) == LeaseRefusal(f"no zk0 agent answering at {nobody}")
 
 
-def test_revocation_mid_training_stops_the_holder(address: str) -> None:
-    agent = GrantingAgent(address, ttl_s=0.6)
+def test_revocation_mid_training_stops_the_holder_at_once(address: str) -> None:
+    agent = Agent(address)
     try:
-        with lease.acquire(address) as held:
-            steps = 0
+        with lease.acquire(address, ttl_s=30) as held:  # renewals every 5 s: only the event stream is this fast
+            time.sleep(0.3)  # the holder's subscription is connected
+            revoked_at = time.monotonic()
+            agent.operator("train", "pause")
             while not held.should_stop():
-                steps += 1
+                assert time.monotonic() - revoked_at < 1.0
                 time.sleep(0.01)
-                if steps == 20:
-                    agent.revoke("an operator started recording")
-            assert steps >= 20
-        assert held.lost_reason == "lease revoked by the agent: an operator started recording"
-        assert agent.commands()[-1] == lease.RENEW  # a revoked lease is not released again
+        assert held.lost_reason == "lease revoked by the agent: revoked: training paused by the operator"
+        assert agent.core.state.value == "idle"
     finally:
         agent.close()
 
 
 def test_a_lease_runs_out_when_the_agent_stops_answering(address: str) -> None:
-    agent = GrantingAgent(address, ttl_s=0.3)
-    held = lease.acquire(address, timeout_s=0.1)
+    agent = Agent(address)
+    held = lease.acquire(address, ttl_s=0.3, timeout_s=0.1)
     agent.close()
     with held:
         started = time.monotonic()
@@ -201,16 +188,16 @@ def test_train_handler_declines_when_the_agent_refuses_or_is_absent(address: str
     strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {"local-steps": 8}, min_nodes=1)
     with serverapp_identity():
         [msg] = pushed(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), ListingGrid([NODE_ID])))
-    agent = GrantingAgent(address, busy="recording in progress")
+    agent = Agent(address)
+    agent.operator("estop")
     try:
         reply = client_app.train(msg, _context({"agent-address": address, "dataset-roots": str(tmp_path / "none"),
                                                  "node-name": "arm1"}))
     finally:
         agent.close()
-    assert dict(reply.content.config_records["info"]) == {"declined": "training lease refused: recording in progress",
+    assert dict(reply.content.config_records["info"]) == {"declined": "training lease refused: emergency stop engaged",
                                                           "node-name": "arm1"}
-    assert not reply.content.array_records and agent.commands() == [lease.LEASE]
-    assert agent.seen[0].args.holder == f"flower node {NODE_ID}"
+    assert not reply.content.array_records and agent.core.lease is None
     nobody = f"ipc://{tmp_path}/nobody.sock"
     silent = client_app.train(msg, _context({"agent-address": nobody, "dataset-roots": str(tmp_path / "none")}))
     assert silent.content.config_records["info"]["declined"] == f"training lease refused: no zk0 agent answering at {nobody}"
@@ -272,19 +259,22 @@ def test_train_handler_without_an_agent_trains_directly_and_sends_a_partial_upda
     strategy.aggregate_train(1, [direct])
     assert strategy.current.clients[NODE_ID].outcome == Outcome.ACCEPTED
 
-    # With an agent: the lease is renewed every 0.4 s and revoked at the third renewal (over a second of
-    # training, tens of steps), long before the 100000-step budget is spent; the steps done go out as a
-    # partial update. (The ttl leaves renewals room to be slow while training loads both cores.)
-    agent = GrantingAgent(address, ttl_s=1.2, revoke_at_renewal=3)
+    # With an agent: an operator pauses training 3 s in (tens of steps), long before the 100000-step budget is
+    # spent; the revocation reaches the node over the agent's event stream and the steps done go out as a
+    # partial update.
+    agent = Agent(address)
+    revoke = threading.Timer(3.0, agent.operator, ("train", "pause"))
     try:
         msg = _train_message(strategy, arrays, 2, local_steps=100_000)
+        revoke.start()
         reply = client_app.train(msg, _context({**node_config, "agent-address": address}))
     finally:
+        revoke.cancel()
         agent.close()
     steps = reply.content.metric_records["metrics"]["steps"]
     assert 0 < steps < 100_000
     assert reply.content.metric_records["metrics"]["num-examples"] == 2 * steps
-    preempted = "lease revoked by the agent: an operator started recording"
+    preempted = "lease revoked by the agent: revoked: training paused by the operator"
     assert reply.content.config_records["info"]["preempted"] == preempted
     arrays_out, summary = strategy.aggregate_train(2, [reply])
     client = strategy.current.clients[NODE_ID]
