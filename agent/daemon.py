@@ -3,7 +3,8 @@
 It owns the robot (zk0.agent.ownership): recording sessions, rollouts and validations run as its jobs, one at a
 time (zk0.agent.daemon_core, with the state machine of zk0.agent.daemon_state); it grants the training leases
 its Flower SuperNode's ClientApps ask for, inside the configured idle windows (zk0.agent.idle), and revokes them
-when an operator needs the robot; it supervises that SuperNode (zk0.agent.supernode). Operators and tools talk
+when an operator needs the robot; it supervises that SuperNode and the warm learning worker its ClientApps hand
+their work to (zk0.agent.supernode). Operators and tools talk
 to it through `zk0ctl` at `<runtime-dir>/agent.sock` (mode 0660, group zk0) and follow it at
 `<runtime-dir>/events.sock` (zk0.agent.events).
 
@@ -149,7 +150,8 @@ class Agent:
         self.control = ControlServer(self.paths.control, COMMANDS, self.core.handle)
         for path in (self.paths.runtime_dir / "agent.sock", self.paths.runtime_dir / "events.sock"):
             restrict_socket(path)
-        self.supernode = self._supernode(config)
+        self.federation = self._federation(config)
+        self.core.extra_status = lambda: {"federation": self.federation.describe() if self.federation else None}
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._status_sent = ""
@@ -160,12 +162,13 @@ class Agent:
         tmp.write_text(yaml.safe_dump(plain(config), sort_keys=False))
         tmp.replace(path)
 
-    def _supernode(self, config: Any):
-        from zk0.agent.supernode import SupernodeSupervisor
+    def _federation(self, config: Any):
+        from zk0.agent.supernode import FederationProcesses
 
         if config.federation is None:
             return None
-        return SupernodeSupervisor(config, self.paths.control, self.paths.logs / "supernode.log", self.events.publish)
+        return FederationProcesses(config, self.paths.control, f"ipc://{self.paths.runtime_dir / 'learn.sock'}",
+                                   self.paths.logs, self.events.publish)
 
     def serve(self) -> int:
         from zk0.agent import systemd
@@ -192,8 +195,8 @@ class Agent:
                     self._reload_config()
                 try:
                     self.core.tick()
-                    if self.supernode is not None:
-                        self.supernode.tick()
+                    if self.federation is not None:
+                        self.federation.tick()
                     self._send_status()
                 except Exception:  # one bad tick must not end the agent that keeps the robot safe; it is logged
                     log.exception("agent loop tick failed")
@@ -233,9 +236,9 @@ class Agent:
                 self.core.config = config
                 self._write_effective_config(config)
             if federation_changed:
-                if self.supernode is not None:
-                    self.supernode.stop()
-                self.supernode = self._supernode(config)
+                if self.federation is not None:
+                    self.federation.stop()
+                self.federation = self._federation(config)
             log.info("config reloaded%s", " (SuperNode restarted)" if federation_changed else "")
             self.events.publish("config", status="reloaded", supernode_restarted=federation_changed)
         systemd.ready(self._status_line())
@@ -252,8 +255,8 @@ class Agent:
         if job is not None and job.running:
             code = job.stop()
             log.info("%s job stopped (exit status %s)", job.kind, code)
-        if self.supernode is not None:
-            self.supernode.stop()
+        if self.federation is not None:
+            self.federation.stop()
         self.events.publish("state", state="stopped", previous=self.core.state.value, reason="agent stopped")
         self.control.close()
         self.events.close()

@@ -111,6 +111,7 @@ class AgentCore:
         self.training = "rules"  # "rules", "paused" (zk0ctl train pause) or "now" (the next lease ignores the hours)
         self.last_operator: datetime | None = None
         self.started = time.time()
+        self.extra_status: Callable[[], dict[str, Any]] = dict  # what the process shell adds (its children)
 
     # -- state -------------------------------------------------------------------------------------------
     def _to(self, event: Event, reason: str) -> None:
@@ -152,7 +153,8 @@ class AgentCore:
                                                 "expires_in_s": round(self.lease.expires_at - time.monotonic(), 1)}
         return {"state": self.state.value, "reason": self.reason, "sim": self.sim, "job": job, "lease": held,
                 "training": self.training, "policy_store": str(self.policy_store),
-                "datasets_root": str(self.config.datasets_root), "uptime_s": round(time.time() - self.started, 1)}
+                "datasets_root": str(self.config.datasets_root), "uptime_s": round(time.time() - self.started, 1),
+                **self.extra_status()}
 
     # -- control API -------------------------------------------------------------------------------------
     def handle(self, request: Request) -> dict[str, Any]:

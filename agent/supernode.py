@@ -1,9 +1,14 @@
-"""The agent's Flower SuperNode: `flower-supernode` built from the agent config (zk0.agent.node), kept running.
+"""The agent's federation processes: its warm learning worker and its Flower SuperNode, kept running.
 
-The SuperNode is the agent's child (its own process group, stopped with every ClientApp below it); when it
-exits the agent restarts it after a backoff that doubles from 1 s to 60 s and resets once a run has lasted 5
-minutes, so a SuperLink that is down for an hour costs a few dozen restarts, not thousands. Its ClientApps
-ask the agent for training leases at the agent's control address (node config `agent-address`).
+`flower-supernode` is built from the agent config (zk0.agent.node) with two additions to its node config: the
+agent's control address (its ClientApps ask the agent for training leases) and the learning worker's address
+(they hand statistics, training and evaluation to the worker, which keeps the model and frames warm between
+Flower's per-message ClientApp processes: zk0.agent.learning_worker). The worker starts first and the SuperNode
+once the worker answers, so no round reaches a node whose worker is still importing torch.
+
+Each process is the agent's child in its own process group (stopped with everything below it); when one exits
+it is restarted after a backoff that doubles from 1 s to 60 s and resets once a run has lasted 5 minutes, so a
+SuperLink that is down for an hour costs a few dozen restarts, not thousands.
 """
 
 from __future__ import annotations
@@ -29,45 +34,74 @@ def next_backoff(previous_s: float, ran_s: float) -> float:
     return min(MAX_BACKOFF_S, max(FIRST_BACKOFF_S, 2 * previous_s))
 
 
-class SupernodeSupervisor:
-    def __init__(self, config: Any, agent_address: str, log_path: Path,
-                 on_event: Callable[..., object], extra_node_config: dict | None = None) -> None:
-        from zk0.agent.node import node_settings, supernode_command
+class Supervised:
+    """One child process restarted with backoff; `start` makes it (a ManagedProcess)."""
 
-        settings = dataclasses.replace(node_settings(config), agent_address=agent_address,
-                                       extra_node_config=dict(extra_node_config or {}))
-        self.command = supernode_command(settings)
-        self.log_path = log_path
-        self._on_event = on_event
-        self._process: ManagedProcess | None = None
-        self._started_at = 0.0
-        self._backoff_s = 0.0
-        self._next_start = 0.0
+    def __init__(self, name: str, start: Callable[[], ManagedProcess], on_event: Callable[..., object]) -> None:
+        self.name, self._start, self._on_event = name, start, on_event
+        self.process: ManagedProcess | None = None
+        self._started_at = self._backoff_s = self._next_start = 0.0
         self.restarts = 0
 
-    def tick(self, now: float | None = None) -> None:
-        """Start the SuperNode when it is due; notice when it has exited and schedule its restart."""
-        now = time.monotonic() if now is None else now
-        if self._process is not None and not self._process.running():
-            code = self._process.process.returncode
-            ran_s = now - self._started_at
+    def tick(self, now: float, may_start: bool = True) -> None:
+        if self.process is not None and not self.process.running():
+            code, ran_s = self.process.process.returncode, now - self._started_at
             self._backoff_s = next_backoff(self._backoff_s, ran_s)
-            self._next_start = now + self._backoff_s
-            self._process = None
-            log.warning("flower-supernode exited with %s after %.0f s; restart in %.0f s", code, ran_s, self._backoff_s)
-            self._on_event("supernode", status="exited", returncode=code, restart_in_s=self._backoff_s)
-        if self._process is None and now >= self._next_start:
-            self._process = ManagedProcess("supernode", self.command, self.log_path, env=without_systemd(flower_env()))
+            self._next_start, self.process = now + self._backoff_s, None
+            log.warning("%s exited with %s after %.0f s; restart in %.0f s", self.name, code, ran_s, self._backoff_s)
+            self._on_event(self.name, status="exited", returncode=code, restart_in_s=self._backoff_s)
+        if self.process is None and may_start and now >= self._next_start:
+            self.process = self._start()
             self._started_at = now
             self.restarts += self._next_start > 0
-            self._on_event("supernode", status="started", pid=self._process.process.pid)
+            self._on_event(self.name, status="started", pid=self.process.process.pid)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running()
 
     def describe(self) -> dict[str, Any]:
-        running = self._process is not None and self._process.running()
-        return {"running": running, "pid": self._process.process.pid if running else None, "restarts": self.restarts,
-                "log": str(self.log_path)}
+        return {"running": self.running, "pid": self.process.process.pid if self.running else None,
+                "restarts": self.restarts, "log": str(self.process.log_path) if self.process else None}
 
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
+class FederationProcesses:
+    """The learning worker and the SuperNode of an agent whose config has a `federation:` section."""
+
+    def __init__(self, config: Any, agent_address: str, worker_address: str, logs: Path,
+                 on_event: Callable[..., object]) -> None:
+        from zk0.agent.node import node_settings, spawn_learn_worker, supernode_command, with_learn_worker
+
+        settings = with_learn_worker(dataclasses.replace(node_settings(config), agent_address=agent_address),
+                                     worker_address)
+        self.worker_address = worker_address
+        self.worker = Supervised(
+            "learn-worker", lambda: spawn_learn_worker(settings, worker_address, logs / "learn-worker.log"), on_event)
+        self.supernode = Supervised("supernode", lambda: ManagedProcess(
+            "supernode", supernode_command(settings), logs / "supernode.log", env=without_systemd(flower_env())),
+            on_event)
+        self._worker_ready = False
+
+    def tick(self, now: float | None = None) -> None:
+        from zk0.agent.learning_worker import ping
+
+        now = time.monotonic() if now is None else now
+        self.worker.tick(now)
+        if not self.worker.running:
+            self._worker_ready = False
+        elif not self._worker_ready:
+            self._worker_ready = ping(self.worker_address, timeout_s=0.05) is not None
+        self.supernode.tick(now, may_start=self._worker_ready)
+
+    def describe(self) -> dict[str, Any]:
+        return {"learn_worker": {**self.worker.describe(), "ready": self._worker_ready},
+                "supernode": self.supernode.describe()}
+
+    def stop(self) -> None:
+        self.supernode.stop()
+        self.worker.stop()
