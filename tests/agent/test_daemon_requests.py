@@ -1,0 +1,87 @@
+"""The agent's pure parts besides the state table: request checks, job command lines, how a job's exit status
+ends it, the restart backoff, and the effective config a job reads (it must parse back to the same config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zk0.agent.daemon import plain, sim_defaults
+from zk0.agent.daemon_core import job_end
+from zk0.agent.daemon_requests import (
+    JobPaths, PolicyAction, RecordStart, RolloutStart, ValidateStart, record_action, record_argv, rollout_argv,
+    validate_argv,
+)
+from zk0.agent.daemon_state import Event
+from zk0.agent.supernode import next_backoff
+
+PATHS = JobPaths(config=Path("/run/zk0/agent.yaml"), datasets_root=Path("/var/lib/zk0/datasets"),
+                 policy_store=Path("/var/lib/zk0/policies"), control="ipc:///run/zk0/job.sock", sim=False)
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    ({"action": "start", "task": "t"}, '"dataset" must be a dataset name'),
+    ({"action": "start", "dataset": "../etc", "task": "t"}, '"dataset" must be a dataset name'),
+    ({"action": "start", "dataset": "..", "task": "t"}, '"dataset" must be a dataset name'),
+    ({"action": "start", "dataset": "d", "task": ""}, '"task" must be a non-empty string'),
+    ({"action": "start", "dataset": "d", "task": "t", "episodes": 0}, '"episodes" must be a whole number'),
+    ({"action": "start", "dataset": "d", "task": "t", "episodes": True}, '"episodes" must be a whole number'),
+    ({"action": "start", "dataset": "d", "task": "t", "seed": 1_000_000}, '"seed" must be a whole number'),
+    ({"action": "start", "dataset": "d", "task": "t", "episode_time_s": -1}, '"episode_time_s" must be a number'),
+    ({"action": "start", "dataset": "d", "task": "t", "rm": "-rf"}, "unknown argument 'rm'"),
+    ({"action": "save", "dataset": "d"}, "unknown argument 'dataset'"),
+    ({"action": "explode"}, '"action" must be one of'),
+])
+def test_bad_record_requests_are_refused_naming_the_fault(args, error) -> None:
+    with pytest.raises(ValueError, match=error):
+        record_action(args)
+
+
+def test_job_command_lines_are_the_standalone_commands() -> None:
+    record = record_action({"action": "start", "dataset": "kitchen", "task": "pick it", "episodes": 3, "seed": 7})
+    assert record == RecordStart("kitchen", "pick it", 3, None, 7)
+    assert record_argv(record, PATHS) == [
+        "record", "--config", "/run/zk0/agent.yaml", "--root", "/var/lib/zk0/datasets", "--dataset", "kitchen",
+        "--task", "pick it", "--episodes", "3", "--control", "ipc:///run/zk0/job.sock", "--no-progress", "--seed", "7"]
+    rollout = RolloutStart.from_args({"task": "pick it", "dagger": True, "record": "corrections"})
+    assert rollout_argv(rollout, PATHS)[-5:] == ["--dagger", "--record", "corrections", "--root", "/var/lib/zk0/datasets"]
+    validate = ValidateStart.from_args({"policy": "run1-round3", "tasks": ["a", "b"], "promote": True})
+    argv = validate_argv(validate, PATHS, Path("/var/lib/zk0/reports/x"))
+    assert argv[:2] == ["validate", "--config"] and argv[-5:] == ["--task", "a", "--task", "b", "--promote"]
+    assert "--sim" not in argv and "--sim" in validate_argv(validate, PATHS.__class__(**{**PATHS.__dict__, "sim": True}),
+                                                             Path("r"))
+    with pytest.raises(ValueError, match='"policy" must be a store version'):
+        ValidateStart.from_args({"policy": "/etc/passwd"})
+    assert PolicyAction.from_args({"action": "promote", "version": "run1-round3"}).version == "run1-round3"
+    with pytest.raises(ValueError, match='"version"'):
+        PolicyAction.from_args({"action": "promote"})
+
+
+@pytest.mark.parametrize(("kind", "code", "event"), [
+    ("record", 0, Event.JOB_DONE), ("record", 3, Event.JOB_DONE), ("record", 2, Event.JOB_DONE),
+    ("record", 1, Event.JOB_FAILED), ("record", -9, Event.JOB_FAILED),
+    ("rollout", 0, Event.JOB_DONE), ("rollout", 1, Event.JOB_FAILED), ("rollout", 3, Event.ESTOP),
+    ("validate", 0, Event.JOB_DONE), ("validate", 1, Event.JOB_DONE), ("validate", 3, Event.JOB_FAILED),
+])
+def test_how_a_job_exit_status_moves_the_agent(kind, code, event) -> None:
+    assert job_end(kind, code)[0] is event
+
+
+@pytest.mark.parametrize(("previous", "ran", "expected"), [
+    (0.0, 0.5, 1.0), (1.0, 0.5, 2.0), (32.0, 10.0, 60.0), (60.0, 10.0, 60.0), (60.0, 300.0, 1.0),
+])
+def test_restart_backoff(previous, ran, expected) -> None:
+    assert next_backoff(previous, ran) == expected
+
+
+def test_the_effective_config_a_job_reads_parses_back_to_the_same_config(tmp_path: Path) -> None:
+    from zk0.agent.config import load_config, parse_config
+
+    repo = Path(__file__).resolve().parents[2]
+    for config in (parse_config(sim_defaults(tmp_path)), load_config(repo / "configs" / "agent.so101.example.yaml",
+                                                                      check_devices=False)):
+        path = tmp_path / "effective.yaml"
+        path.write_text(yaml.safe_dump(plain(config)))
+        assert load_config(path, check_devices=False) == config
