@@ -108,3 +108,41 @@ def test_a_hung_agent_loop_stops_the_watchdog_pings(tmp_path: Path, notify_socke
 
 
 LOOP_SLACK_S = 1.5  # the drill's clock starts before READY; one more ping may already be under way
+
+
+def test_after_sigkill_mid_recording_a_restarted_agent_finds_its_dataset_and_goes_on(
+        tmp_path: Path, notify_socket: NotifyListener) -> None:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    agent = start_agent(tmp_path, notify_socket)
+    notify_socket.wait_for("READY", pid=agent.pid, timeout_s=120)
+    assert zk0ctl(tmp_path, "record", "start", "--dataset", "demo", "--task", "pick the red cube", "--episodes", "20",
+                  "--episode-time-s", "2").returncode == 0
+    commit = tmp_path / "state" / "datasets" / "demo" / "meta" / "zk0.json"
+    deadline = time.monotonic() + 300
+    while not (commit.exists() and json.loads(commit.read_text())["episodes"]):
+        assert time.monotonic() < deadline and agent.poll() is None
+        time.sleep(0.5)
+    job = json.loads(zk0ctl(tmp_path, "status", "--json").stdout)["job"]["pid"]
+    agent.kill()  # as systemd ends the whole unit (its cgroup) when the agent dies: the job goes too
+    os.killpg(job, signal.SIGKILL)
+    agent.communicate(timeout=60)
+
+    again = start_agent(tmp_path, notify_socket)
+    try:
+        notify_socket.wait_for("READY", pid=again.pid, timeout_s=120)
+        assert zk0ctl(tmp_path, "status").stdout.strip() == "idle"
+        committed = len(json.loads(commit.read_text())["episodes"])
+        assert zk0ctl(tmp_path, "record", "start", "--dataset", "demo", "--task", "pick the red cube", "--episodes",
+                      "1", "--episode-time-s", "2").returncode == 0
+        deadline = time.monotonic() + 300
+        while (status := json.loads(zk0ctl(tmp_path, "status", "--json").stdout))["state"] != "idle":
+            assert time.monotonic() < deadline and again.poll() is None
+            time.sleep(1.0)
+        assert status["reason"] == "session complete", status
+        dataset = LeRobotDataset("local/demo", root=tmp_path / "state" / "datasets" / "demo")
+        assert dataset.num_episodes == committed + 1 == len(json.loads(commit.read_text())["episodes"])
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=120)
+    assert again.returncode == 0
