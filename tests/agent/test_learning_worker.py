@@ -20,7 +20,7 @@ from flwr.common.serde import recorddict_to_proto
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.agent.test_lease import NODE_ID, GrantingAgent, _context, _train_message, federation  # noqa: F401
+from tests.agent.test_lease import NODE_ID, Agent, _context, _train_message, federation  # noqa: F401
 from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
 from zk0.agent import client_app, learning_worker, node_work
 from zk0.learn import codec
@@ -224,19 +224,25 @@ def test_worker_results_equal_the_in_process_results_bit_for_bit(federation, wor
 
 
 def test_a_revoked_lease_stops_the_worker_with_a_partial_update(federation, worker_process, tmp_path: Path) -> None:  # noqa: F811
+    """The agent's real core grants the lease; an operator pauses training 3 s in (the worker is warm: tens of
+    steps done), long before the 100000-step budget is spent: the ClientApp stops the worker's job."""
     root, strategy, arrays = federation
     agent_address = f"ipc://{tmp_path}/agent.sock"
-    agent = GrantingAgent(agent_address, ttl_s=1.2, revoke_at_renewal=3)
+    agent = Agent(agent_address)
+    revoke = threading.Timer(3.0, agent.operator, ("train", "pause"))
     try:
         msg = _train_message(strategy, arrays, 3, local_steps=100_000)
+        revoke.start()
         reply = client_app.train(msg, _context({"dataset-roots": str(root), "policy-store": str(tmp_path / "p"),
                                                 "agent-address": agent_address,
                                                 client_app.LEARN_WORKER: worker_process}))
     finally:
+        revoke.cancel()
         agent.close()
     steps = reply.content.metric_records[METRICS_RECORD]["steps"]
     assert 0 < steps < 100_000
-    assert reply.content.config_records[INFO_RECORD][PREEMPTED] == "lease revoked by the agent: an operator started recording"
+    assert reply.content.config_records[INFO_RECORD][PREEMPTED] == \
+        "lease revoked by the agent: revoked: training paused by the operator"
     assert learning_worker.ping(worker_process)["job"] is None
 
 
