@@ -294,6 +294,7 @@ def call(address: str, kind: str, content: RecordDict, context: Context, deadlin
     job = uuid.uuid4().hex
     header = {"kind": kind, "job": job, "run_id": context.run_id, "node_id": context.node_id,
               "node_config": dict(context.node_config)}
+    stop = [json.dumps({"kind": "stop", "job": job}).encode()]
     zmq_context = zmq.Context()
     socket = zmq_context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
@@ -306,11 +307,10 @@ def call(address: str, kind: str, content: RecordDict, context: Context, deadlin
         while not socket.poll(int(STOP_CHECK_S * 1000)):
             now = time.monotonic()
             if now >= deadline:
-                _exchange(zmq_context, address, [json.dumps({"kind": "stop", "job": job}).encode()], 1.0)
+                _exchange(zmq_context, address, stop, 1.0)
                 return WorkerFailure(f"the learning worker at {address} did not finish the {kind} job in time")
             if not stop_sent and should_stop():
-                stop_sent = _exchange(zmq_context, address, [json.dumps({"kind": "stop", "job": job}).encode()],
-                                      PING_TIMEOUT_S) is not None
+                stop_sent = _exchange(zmq_context, address, stop, PING_TIMEOUT_S) is not None
             if now >= next_heartbeat:
                 answer = _exchange(zmq_context, address, [b'{"kind": "ping"}'], PING_TIMEOUT_S)
                 if answer is None:
