@@ -117,7 +117,7 @@ class AgentCore:
     def _to(self, event: Event, reason: str) -> None:
         new = next_state(self.state, event, job_running=self.job is not None and self.job.running)
         if new is not self.state or event is Event.ESTOP:
-            log.info("state %s -> %s (%s)", self.state.value, new.value, reason)
+            log.info("state %s -> %s (%s)", self.state.value, new.value, reason, extra={"ZK0_STATE": new.value})
             self.publish("state", state=new.value, previous=self.state.value, reason=reason)
         self.state, self.reason = new, reason
 

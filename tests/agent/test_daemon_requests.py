@@ -85,3 +85,24 @@ def test_the_effective_config_a_job_reads_parses_back_to_the_same_config(tmp_pat
         path = tmp_path / "effective.yaml"
         path.write_text(yaml.safe_dump(plain(config)))
         assert load_config(path, check_devices=False) == config
+
+
+def test_an_unwritable_directory_is_one_clear_line(tmp_path: Path) -> None:
+    from zk0.agent.daemon import prepare_dir
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=r"^state dir .*file/zk0 is not writable by this user .*; pass --state-dir"):
+        prepare_dir(blocker / "zk0", "state dir", 0o750)
+    assert prepare_dir(tmp_path / "new" / "zk0", "state dir", 0o750).is_dir()
+
+
+def test_check_config_prints_the_effective_config_or_the_error(tmp_path: Path, capsys) -> None:
+    from zk0.agent.daemon import main
+
+    assert main(["--sim", "--check-config", "--state-dir", str(tmp_path)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["datasets_root"] == str(tmp_path / "datasets")
+    bad = tmp_path / "agent.yaml"
+    bad.write_text("host_id: h\nrobot_type: so102\n")
+    assert main(["--config", str(bad), "--check-config"]) == 2
+    assert "robot_type" in capsys.readouterr().err
