@@ -160,11 +160,7 @@ def test_estop_from_zk0ctl_holds_then_cuts_torque(policies, tmp_path: Path) -> N
                                 "--episode-time-s", "60")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        deadline = time.monotonic() + 300
-        while not _policy_driving(address):  # the control API answers from before the warm-up
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=60)[0]
-            time.sleep(0.5)
-        time.sleep(1.0)
+        wait_until_driving(process, address)
         requested = time.time()
         assert zk0ctl(["estop", "--address", address]) == 0
         output, _ = process.communicate(timeout=120)
@@ -193,11 +189,7 @@ def test_dagger_operator_takes_over_with_the_leader_and_the_frames_say_so(polici
         "--root", str(datasets))], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        deadline = time.monotonic() + 300
-        while not _policy_driving(address):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=60)[0]
-            time.sleep(0.5)
-        time.sleep(1.0)
+        wait_until_driving(process, address)
         assert zk0ctl(["correct", "--address", address]) == 2  # refused: the policy drives, pause first
         paused_at = time.time()
         assert zk0ctl(["pause", "--address", address]) == 0
@@ -294,6 +286,15 @@ def _status(address: str) -> dict:
         return request(address, "status", timeout_s=0.5)
     except TimeoutError:
         return {}
+
+
+def wait_until_driving(process: subprocess.Popen, address: str) -> None:
+    """Until the rollout's policy drives the arm (the control API answers from before the warm-up), and a second."""
+    deadline = time.monotonic() + 300
+    while not _policy_driving(address):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate(timeout=60)[0]
+        time.sleep(0.5)
+    time.sleep(1.0)
 
 
 def _policy_driving(address: str) -> bool:
