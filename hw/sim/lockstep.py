@@ -33,12 +33,10 @@ from zk0.hw.sim.calibration import (
 )
 from zk0.hw.sim.operator import ScriptedOperator
 from zk0.hw.sim.render import CameraRenderer
-from zk0.hw.sim.rig import HOME_JOINTS, SIM_HZ
+from zk0.hw.sim.rig import HOME_JOINTS, SIM_HZ, stall_at_table
 from zk0.hw.sim.tasks import Task
 from zk0.hw.sim.world import World
 
-# The joints the table can stop (zk0.hw.sim.world.stop_at_table moves only these).
-TABLE_STALLED = ("shoulder_lift", "elbow_flex", "wrist_flex")
 # What lerobot writes to each follower servo on connect (`FeetechMotorsBus.configure_motors`, then torque on):
 # of these only the acceleration and torque registers change how the motion model moves the shaft.
 LEROBOT_CONNECT_REGISTERS: dict[str, int] = {
@@ -113,18 +111,9 @@ class LockstepSim:
             self.world.step(ticks_to_joints(self.bus.positions(), self._calibration), dt)
             if self.world.pressing_table:
                 pressed = True
-                self._stall_at(self.world.joints)
+                stall_at_table(self.bus, self._calibration, self.world.joints)
         self.table_contact_ticks += pressed
         self.ticks += 1
-
-    def _stall_at(self, joints: np.ndarray) -> None:
-        """Put the lift/elbow/wrist shafts where the world stopped the arm, at rest (their goals stay: the
-        servos keep pushing); the other joints move freely and keep their own motion."""
-        ticks = joints_to_ticks(joints, self._calibration)
-        with self.bus.lock:
-            for name in TABLE_STALLED:
-                servo_id = self._calibration[name].id
-                self.bus.servos[servo_id].place(ticks[servo_id])
 
     def success(self) -> bool:
         return self.world.success()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,21 @@ LEADER_ID = "sim_leader"
 # the follower is.
 HOME_JOINTS = np.zeros(6)
 CONTROL_TIMEOUT_MS = 10_000
+
+
+# The joints the table can stop (zk0.hw.sim.world.stop_at_table moves only these).
+TABLE_STALLED = ("shoulder_lift", "elbow_flex", "wrist_flex")
+
+
+def stall_at_table(bus: Any, calibration: Mapping[str, Any], joints: np.ndarray) -> None:
+    """Put the lift/elbow/wrist shafts where the world stopped the arm on the table, at rest (their goals stay:
+    the servos keep pushing); the other joints move freely and keep their own motion. The real-time rig and the
+    lock-step sim both call it, so a stalled arm reads the same in both."""
+    ticks = joints_to_ticks(joints, calibration)
+    with bus.lock:
+        for name in TABLE_STALLED:
+            servo_id = calibration[name].id
+            bus.servos[servo_id].place(ticks[servo_id])
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,8 @@ class Rig:
             self.leader.advance(now)
             follower_joints = ticks_to_joints(self.follower.positions(), self._calibration["follower"])
             self.world.step(follower_joints, dt)
+            if self.world.pressing_table:  # the servos read where the table stopped the arm, as in lock-step
+                stall_at_table(self.follower, self._calibration["follower"], self.world.joints)
 
     # -- control ----------------------------------------------------------------------------------------
     def reset(self, task: str, seed: int) -> None:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests.agent.validate_fixtures import ScriptedController
+from zk0.hw.sim.lockstep import OperatorController as ScriptedController
 from zk0.agent.lockstep import policy_in_sim, run_episode
 from zk0.agent.validate import episode_plan
 from zk0.hw.config import SafetySettings

@@ -9,28 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from zk0.hw.sim.calibration import MOTOR_NAMES
-from zk0.hw.sim.lockstep import LockstepSim, Observation
-from zk0.hw.sim.operator import ScriptedOperator
-from zk0.hw.sim.tasks import Task
+from zk0.hw.sim.lockstep import LockstepSim, OperatorController
 
 REPO_ID = "local/zk0_validate"
 CAMERAS = {"front": (64, 48), "wrist": (64, 48)}
 FPS = 30
-
-
-class ScriptedController:
-    """The sim's scripted operator as a controller: it reads the world directly (privileged), which is fine
-    for showing that the lock-step loop can succeed, and never a policy under validation."""
-
-    def __init__(self, sim: LockstepSim) -> None:
-        self.sim = sim
-        self.operator: ScriptedOperator | None = None
-
-    def reset(self, task: Task, seed: int) -> None:
-        self.operator = ScriptedOperator(task, seed, robot=self.sim.robot)
-
-    def act(self, observation: Observation) -> np.ndarray:
-        return self.operator.leader_joints(observation.t, self.sim.world)
 
 
 def record_sim_dataset(root: Path, task: str, episodes: int = 2, seconds: float = 3.0):
@@ -48,7 +31,7 @@ def record_sim_dataset(root: Path, task: str, episodes: int = 2, seconds: float 
         features[f"observation.images.{camera}"] = {"dtype": "video", "shape": (height, width, 3),
                                                     "names": ["height", "width", "channels"]}
     sim = LockstepSim(CAMERAS, FPS)
-    controller = ScriptedController(sim)
+    controller = OperatorController(sim)
     with threads_without_realtime():
         dataset = LeRobotDataset.create(repo_id=REPO_ID, fps=FPS, features=features, root=root,
                                         robot_type="so101_follower")
