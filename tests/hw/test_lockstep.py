@@ -83,3 +83,26 @@ def test_a_goal_inside_the_table_leaves_the_arm_resting_on_it_and_its_servos_sta
         sim.step(HOME_JOINTS)
     assert sim.table_contact_ticks == pressing  # sent back up, the stalled servos lift off at once
     assert sim.present() == pytest.approx(HOME_JOINTS, abs=DEG_PER_TICK)
+
+
+def test_the_real_time_rigs_servos_also_stall_on_the_table(tmp_path) -> None:
+    """The rig (what lerobot reads over the pty bus) and the lock-step sim share `stall_at_table`."""
+    from zk0.hw.kinematics import forward
+    from zk0.hw.sim.calibration import arm_calibration, joints_to_ticks, ticks_to_joints
+    from zk0.hw.sim.rig import Rig, RigConfig
+
+    rig = Rig(RigConfig(calibration_dir=tmp_path, cameras=()))  # not started: stepped by hand, no servers
+    rig.reset("push_red_left", 4)
+    calibration = arm_calibration("follower")
+    goal = joints_to_ticks(np.array([10.0, 40.0, 30.0, 20.0, 0.0, 0.0]), calibration)
+    with rig.follower.lock:
+        for servo_id, value in goal.items():
+            rig.follower.servos[servo_id].set("Torque_Enable", 1)
+            rig.follower.servos[servo_id].set("Goal_Position", int(round(value)))
+    now = 0.0
+    for _ in range(300):
+        now += 0.005
+        rig.step(now, 0.005)
+    assert rig.world.pressing_table and rig.world.pose.tip[2] == pytest.approx(0.0, abs=1e-4)
+    present = ticks_to_joints(rig.follower.positions(), calibration)
+    assert forward(present).tip[2] == pytest.approx(0.0, abs=2e-3)  # read back on the table, not at the goal
