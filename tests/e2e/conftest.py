@@ -1,6 +1,7 @@
 """Shared by the end-to-end federation tests: the `zk0` command as a subprocess, two datasets recorded once
-per session with `zk0 record --sim` (different tasks), and a server config small enough for minutes-long runs
-(few local steps and evaluation samples; the learning-rate schedule is the shipped one)."""
+per session with `zk0 record --sim` (different tasks), a server config small enough for minutes-long runs
+(few local steps and evaluation samples; the learning-rate schedule is the shipped one), and one federation
+run with drill nodes whose results several tests read."""
 
 from __future__ import annotations
 
@@ -41,3 +42,22 @@ def fast_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "server.yaml"
     path.write_text(FAST_CONFIG)
     return path
+
+# The drill nodes of the shared fleet run.
+FLEET_DRILLS = ("nan", "stats-nan", "inflate-examples", "huge-norm", "stale-base")
+
+
+@pytest.fixture(scope="session")
+def drill_fleet(tmp_path_factory, datasets, fast_config):
+    """One `zk0 fleet local` run shared by the tests that need a federation's results: 3 rounds of the tiny model,
+    SuperNodes `red` and `blue` plus one drill node per kind on red's data. Returns (run dir, its result)."""
+    import time
+
+    run = tmp_path_factory.mktemp("drill-fleet") / "run"
+    drills = [arg for kind in FLEET_DRILLS for arg in ("--drill-corrupt-node", kind)]
+    started = time.monotonic()
+    result = run_zk0("fleet", "local", "--dataset", str(datasets[0]), "--dataset", str(datasets[1]), "--rounds", "3",
+                     "--out", str(run), "--model", "tiny", "--config", str(fast_config), *drills,
+                     "--timeout", "2400", timeout=2700)
+    print(f"fleet run with {2 + len(FLEET_DRILLS)} SuperNodes: {time.monotonic() - started:.0f} s")
+    return run, result

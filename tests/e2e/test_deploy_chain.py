@@ -1,7 +1,7 @@
 """Issue #12's "done when" chain in one go, on simulated hardware, through the `zk0` command only:
 
-1. `zk0 fleet local` (a real SuperLink and SuperNodes, two rounds of the tiny model) leaves every round's global
-   in each node's policy store; the first version the store received is active (`zk0 policy list`), and the
+1. `zk0 fleet local` (a real SuperLink and SuperNodes, three rounds of the tiny model: the drill fleet run the
+   federation tests share) leaves every round's global in each node's policy store; the first version the store received is active (`zk0 policy list`), and the
    versions are the server's checkpoints (same trainable-tensor SHA-256).
 2. `zk0 validate --sim --promote` runs the newest version against the active one on 20 paired, seeded
    lock-step episodes and writes report.json + report.png; the verdict is `promotion_verdict` of the report's
@@ -50,7 +50,7 @@ def _trainable_sha256(checkpoint: Path) -> str:
 
 
 @pytest.mark.slow
-def test_fleet_policy_is_validated_promoted_and_rolled_out(tmp_path, datasets, fast_config):
+def test_fleet_policy_is_validated_promoted_and_rolled_out(tmp_path, drill_fleet):
     from zk0.agent.policy_store import PolicyStore
     from zk0.agent.validate import VALIDATION_SEED_BASE, promotion_verdict
     from zk0.hw.sim.tasks import get_task
@@ -58,27 +58,23 @@ def test_fleet_policy_is_validated_promoted_and_rolled_out(tmp_path, datasets, f
     timings: dict[str, float] = {}
     single_thread = {"OMP_NUM_THREADS": "1"}  # one torch thread: ~30 ms a tiny-policy tick on 2 busy cores, not ~700
 
-    # 1. Two federated rounds; every node stores each round's global.
-    run = tmp_path / "run"
-    started = time.monotonic()
-    fleet = run_zk0("fleet", "local", "--dataset", str(datasets[0]), "--dataset", str(datasets[1]), "--rounds", "2",
-                    "--out", str(run), "--model", "tiny", "--config", str(fast_config), "--timeout", "1800",
-                    timeout=2100)
-    timings["fleet"] = time.monotonic() - started
+    # 1. Three federated rounds; every node stores each round's global.
+    run, fleet = drill_fleet
     assert fleet.returncode == 0, fleet.stdout + fleet.stderr[-3000:]
-    assert "round 2/2: 2/2 updates accepted" in fleet.stdout, fleet.stdout
+    assert "round 3/3: 4/7 updates accepted" in fleet.stdout, fleet.stdout
 
-    server_sha = {n: _trainable_sha256(run / "checkpoints" / f"round_{n}") for n in (1, 2)}
+    rounds = (1, 2, 3)
+    server_sha = {n: _trainable_sha256(run / "checkpoints" / f"round_{n}") for n in rounds}
     stores = {name: run / "fleet" / "nodes" / name / "policies" for name in ("red", "blue")}
     for name, store_root in stores.items():
         listing = run_zk0("policy", "list", "--store", str(store_root), timeout=300)
         assert listing.returncode == 0, listing.stdout + listing.stderr
         store = PolicyStore(store_root)
         versions = store.versions()
-        assert [v.round for v in versions] == [1, 2], (name, listing.stdout)
+        assert [v.round for v in versions] == list(rounds), (name, listing.stdout)
         assert all(re.fullmatch(rf"run\d+-round{v.round}", v.name) and not v.corrupt for v in versions)
-        assert [v.sha256 for v in versions] == [server_sha[1], server_sha[2]]  # the server's globals, unchanged
-        first, candidate = versions[0].name, versions[1].name
+        assert [v.sha256 for v in versions] == [server_sha[n] for n in rounds]  # the server's globals, unchanged
+        first, candidate = versions[0].name, versions[-1].name
         # The very first version a store receives becomes active; later ones wait to be promoted.
         state = store.state()
         assert state.active == first and state.previous is None
@@ -89,10 +85,10 @@ def test_fleet_policy_is_validated_promoted_and_rolled_out(tmp_path, datasets, f
         assert rows[first].startswith("active") and rows[first].rstrip().endswith("ok"), listing.stdout
         assert not rows[candidate].startswith(("active", "previous")), listing.stdout
 
-    # 2. The validation gate on red's robot: round 2 against the active round 1, then --promote.
+    # 2. The validation gate on red's robot: round 3 against the active round 1, then --promote.
     store_root = stores["red"]
     store = PolicyStore(store_root)
-    first, candidate = (v.name for v in store.versions())
+    first, candidate = store.versions()[0].name, store.versions()[-1].name
     config = _agent_config(tmp_path)
     report_dir = tmp_path / "report"
     started = time.monotonic()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.e2e.conftest import FLEET_DRILLS as DRILLS
 from tests.e2e.conftest import run_zk0
 
 
@@ -33,9 +34,6 @@ def _union_stats(roots: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
-DRILLS = ("nan", "stats-nan", "inflate-examples", "huge-norm", "stale-base")
-
-
 def test_fleet_node_names_are_told_apart() -> None:
     from zk0.cli.fleet import unique_names
 
@@ -44,17 +42,11 @@ def test_fleet_node_names_are_told_apart() -> None:
 
 
 @pytest.mark.slow
-def test_fleet_local_three_rounds_with_drill_nodes(tmp_path, datasets, fast_config):
+def test_fleet_local_three_rounds_with_drill_nodes(drill_fleet, datasets):
     """Seven SuperNodes: `red`, `blue` and one drill node per kind (on red's data), all in one run, so the
     drills cost one federation's start-up. Per round: red, blue, drill-stats-nan (bad statistics, honest
     training) and drill-inflate-examples (weight capped) are accepted; nan, huge-norm and stale-base rejected."""
-    run = tmp_path / "run"
-    drills = [arg for kind in DRILLS for arg in ("--drill-corrupt-node", kind)]
-    started = time.monotonic()
-    result = run_zk0("fleet", "local", "--dataset", str(datasets[0]), "--dataset", str(datasets[1]), "--rounds", "3",
-                     "--out", str(run), "--model", "tiny", "--config", str(fast_config), *drills,
-                     "--timeout", "2400", timeout=2700)
-    print(f"fleet run with {2 + len(DRILLS)} SuperNodes: {time.monotonic() - started:.0f} s")
+    run, result = drill_fleet
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     for n in (1, 2, 3):
         assert f"round {n}/3: 4/7 updates accepted, 3 rejected" in result.stdout
