@@ -20,6 +20,7 @@ Round 1 builds everything in both modes (the worker too, once per run); later ro
 Timings on a shared 2-core machine are noisy: the load averages before and after each run are reported.
 
   python bench/round_overhead.py [--rounds 3] [--local-steps 8] [--batch-size 4] [--dataset A --dataset B]
+                                 [--worker-first]
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--dataset", action="append", type=Path, help="node dataset (default: two recorded)")
+    parser.add_argument("--worker-first", action="store_true",
+                        help="run the fleet with workers first (to tell the worker's effect from a load trend)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -105,7 +108,8 @@ def main() -> int:
                           "eval_fraction: 0.25}\nevaluation: {max_samples: 16}\nnodes: {round_timeout_s: 600}\n")
         result: dict[str, Any] = {"rounds": args.rounds, "local_steps": args.local_steps, "batch_size": args.batch_size,
                                   "nodes": len(datasets), "target_overhead_fraction": TARGET_OVERHEAD_FRACTION}
-        for mode, workers in (("without_worker", False), ("with_worker", True)):
+        modes = [("without_worker", False), ("with_worker", True)]
+        for mode, workers in reversed(modes) if args.worker_first else modes:
             result[mode] = run_fleet(datasets, args.rounds, config, work / mode, workers)
             print(f"{mode}: {json.dumps(result[mode]['warm_mean'])}", file=sys.stderr)
     before, after = result["without_worker"]["warm_mean"], result["with_worker"]["warm_mean"]
