@@ -150,6 +150,11 @@ class Agent:
         self.control = ControlServer(self.paths.control, COMMANDS, self.core.handle)
         for path in (self.paths.runtime_dir / "agent.sock", self.paths.runtime_dir / "events.sock"):
             restrict_socket(path)
+        from zk0.agent.daemon_jobs import without_systemd
+        from zk0.agent.job_zygote import Zygote
+
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        self.core.zygote = Zygote(self.paths.logs / "zygote.log", without_systemd(os.environ))
         self.federation = self._federation(config)
         self.core.extra_status = lambda: {"federation": self.federation.describe() if self.federation else None}
         self._stop = threading.Event()
@@ -257,6 +262,7 @@ class Agent:
             log.info("%s job stopped (exit status %s)", job.kind, code)
         if self.federation is not None:
             self.federation.stop()
+        self.core.zygote.close()
         self.events.publish("state", state="stopped", previous=self.core.state.value, reason="agent stopped")
         self.control.close()
         self.events.close()

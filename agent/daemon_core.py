@@ -112,6 +112,7 @@ class AgentCore:
         self.last_operator: datetime | None = None
         self.started = time.time()
         self.extra_status: Callable[[], dict[str, Any]] = dict  # what the process shell adds (its children)
+        self.zygote = None  # zk0.agent.job_zygote.Zygote, set by the process shell: jobs start warm from it
 
     # -- state -------------------------------------------------------------------------------------------
     def _to(self, event: Event, reason: str) -> None:
@@ -147,12 +148,13 @@ class AgentCore:
             self._to(Event.LEASE_ENDED, reason)
 
     def status(self) -> dict[str, Any]:
-        job = None if self.job is None else {"kind": self.job.kind, "pid": self.job.process.pid,
+        job = None if self.job is None else {"kind": self.job.kind, "pid": self.job.process.pid, "warm": self.job.warm,
                                              "last_line": self.job.last_line, "log": str(self.job.log_path)}
         held = None if self.lease is None else {"holder": self.lease.holder,
                                                 "expires_in_s": round(self.lease.expires_at - time.monotonic(), 1)}
         return {"state": self.state.value, "reason": self.reason, "sim": self.sim, "job": job, "lease": held,
                 "training": self.training, "policy_store": str(self.policy_store),
+                "warm_jobs": self.zygote is not None and self.zygote.ready,
                 "datasets_root": str(self.config.datasets_root), "uptime_s": round(time.time() - self.started, 1),
                 **self.extra_status()}
 
@@ -200,7 +202,7 @@ class AgentCore:
         if self.lease is not None:  # preemption: the node's next renewal is refused, it stops at a step boundary
             self.end_lease(f"revoked: {kind} started")
         self.job = Job(kind, argv, self.paths.job_control, self.paths.logs / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log",
-                       lambda k, line: self.publish("job", kind=k, line=line))
+                       lambda k, line: self.publish("job", kind=k, line=line), zygote=self.zygote)
         self._to(event, f"{kind}: {dataclasses.asdict(request) if dataclasses.is_dataclass(request) else request}")
         return self.status()
 

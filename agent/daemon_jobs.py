@@ -5,7 +5,8 @@ starts (zk0.agent.writer_process) and runs its loop SCHED_FIFO; the rollout load
 driver or a leaked thread in one job must not take the agent (which pings systemd's watchdog and answers the
 control API) down with it, and whatever a job held (serial ports, cameras, shared memory) is released when
 its process ends. The job is the very command a host without the agent runs, so both paths are one code
-path; `ZK0_AGENT_JOB=1` tells it the agent that owns the robot started it (zk0.agent.ownership).
+path; `ZK0_AGENT_JOB=1` tells it the agent that owns the robot started it (zk0.agent.ownership). Jobs are
+forked from a pre-imported zygote when it is ready (zk0.agent.job_zygote), else started fresh.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zk0.agent import control
+from zk0.agent.job_zygote import Zygote
 from zk0.agent.ownership import AGENT_JOB_ENV
 
 log = logging.getLogger("zk0.agent.jobs")
@@ -44,7 +46,8 @@ class Job:
     its private control address."""
 
     def __init__(self, kind: str, argv: list[str], control_address: str, log_path: Path,
-                 on_line: Callable[[str, str], object], env: Mapping[str, str] | None = None) -> None:
+                 on_line: Callable[[str, str], object], env: Mapping[str, str] | None = None,
+                 zygote: Zygote | None = None) -> None:
         self.kind = kind
         self.argv = argv
         self.control_address = control_address
@@ -54,10 +57,13 @@ class Job:
         self._log = log_path.open("a", buffering=1)
         self._log.write(f"$ zk0 {' '.join(argv)}\n")
         self._on_line = on_line
-        self.process = subprocess.Popen(
+        environment = {**without_systemd(os.environ), **(env or {}), AGENT_JOB_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        forked = zygote.spawn(argv, environment) if zygote is not None else None
+        self.warm = forked is not None  # forked from the pre-imported zygote, else a fresh interpreter
+        self.process = forked or subprocess.Popen(
             [sys.executable, "-m", "zk0.cli", *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,  # the agent's signals are not the job's
-            env={**without_systemd(os.environ), **(env or {}), AGENT_JOB_ENV: "1", "PYTHONUNBUFFERED": "1"},
+            env=environment,
         )
         self.last_line = ""
         self._reader = threading.Thread(target=self._read, name=f"zk0-job-{kind}", daemon=True)

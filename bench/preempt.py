@@ -8,6 +8,7 @@ instants are taken:
 - lease lost: the holder's `should_stop()` turns true (the agent's revocation on its event stream);
 - training stopped: the end of the training step that was running then (steps stop only at a boundary);
 - teleop running: the recording job reports its first recorded frame (its own control API, `frames` > 0).
+  Jobs are forked from the agent's pre-imported zygote (zk0.agent.job_zygote): the trials start once it is ready.
 
 Per trial the recording is stopped at once (`zk0ctl stop`: that episode is saved) and the next trial waits for
 the agent to be idle and the lease to be granted again. Prints one JSON object: p50/p99 of each latency over
@@ -140,7 +141,7 @@ def main() -> int:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait(lambda: (run / "agent.sock").exists(), 120, "the agent", poll_s=0.2)
-            time.sleep(1.0)
+            wait(lambda: ask(run, "status").get("warm_jobs"), 300, "the agent's warm job process", poll_s=0.5)
             trials = []
             for index in range(args.trials):
                 trials.append(trial(run, trainer, index))
