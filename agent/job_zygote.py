@@ -6,7 +6,9 @@ The agent talks to it over a Unix socket pair: a request carries the job's comma
 as an SCM_RIGHTS file descriptor, the write end of the pipe that becomes the job's stdout and stderr; the
 answer is the job's pid. The zygote reaps its children and reports each exit status. The forked job is a new
 session (its own process group, like a `Popen(start_new_session=True)` job) and runs `zk0.cli.main` with that
-command line, so it is the same code path as the standalone command.
+command line, so it is the same code path as the standalone command. When the agent dies, however it dies, the
+zygote sees its socket close and stops the jobs still running (SIGINT: a recording saves its episode, a rollout
+holds then cuts torque), so no job drives the arm unsupervised.
 
 Forking after the imports is safe here because the zygote never starts a thread of its own; the BLAS pool's
 threads that numpy and torch start at import are not carried into a child (only the forking thread is), and
@@ -47,24 +49,29 @@ def serve(fd: int, preload: Sequence[str] = PRELOAD) -> int:
     for name in preload:
         importlib.import_module(name)
     channel.send(json.dumps({"ready": True}).encode())
+    jobs: set[int] = set()
     while True:
         readable, _, _ = select.select([channel], [], [], 0.05)
-        _report_exits(channel)
+        _report_exits(channel, jobs)
         if not readable:
             continue
-        message, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, 1)
-        if not message:  # the agent closed its end: it is gone
-            return 0
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, 1)
+        except ConnectionResetError:
+            message, fds = b"", []
+        if not message:  # the agent is gone (however it died): its jobs must not run on unsupervised
+            return _stop_orphans(jobs)
         request = json.loads(message)
         pid = os.fork()
         if pid == 0:
             channel.close()
             _run_job(request["argv"], request["env"], fds[0])
         os.close(fds[0])
+        jobs.add(pid)
         channel.send(json.dumps({"pid": pid}).encode())
 
 
-def _report_exits(channel: socket.socket) -> None:
+def _report_exits(channel: socket.socket | None, jobs: set[int]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -72,7 +79,25 @@ def _report_exits(channel: socket.socket) -> None:
             return
         if pid == 0:
             return
-        channel.send(json.dumps({"exit": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+        jobs.discard(pid)
+        if channel is not None:
+            channel.send(json.dumps({"exit": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+
+
+def _stop_orphans(jobs: set[int], grace_s: float = 30.0) -> int:
+    """SIGINT to every job still running (a recording saves its episode, a rollout holds then cuts torque), then
+    SIGKILL to what is left after `grace_s`."""
+    for signum in (signal.SIGINT, signal.SIGKILL):
+        for pid in list(jobs):
+            try:
+                os.killpg(pid, signum)
+            except ProcessLookupError:
+                jobs.discard(pid)
+        deadline = time.monotonic() + grace_s
+        while jobs and time.monotonic() < deadline:
+            _report_exits(None, jobs)
+            time.sleep(0.05)
+    return 0
 
 
 def _run_job(argv: list[str], env: Mapping[str, str], output: int) -> None:
@@ -211,9 +236,14 @@ class Zygote:
         return job
 
     def close(self) -> None:
+        """End the zygote as the agent's death would: it stops the jobs still running, then exits."""
+        try:
+            self._channel.shutdown(socket.SHUT_RDWR)  # wakes the reader; close() alone would not while it waits
+        except OSError:
+            pass
         self._channel.close()
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=60)  # up to the orphans' grace: a recording saving its episode
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

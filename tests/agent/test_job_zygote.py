@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -55,3 +56,18 @@ def test_a_zygote_that_is_not_ready_or_gone_spawns_nothing(tmp_path: Path) -> No
     slow.process.wait(timeout=60)
     assert slow.spawn(["--help"], dict(os.environ)) is None
     slow.close()
+
+
+def test_when_the_agent_dies_its_running_jobs_are_stopped(tmp_path: Path) -> None:
+    zygote = Zygote(tmp_path / "zygote.log", dict(os.environ), preload=PRELOAD)
+    deadline = time.monotonic() + 60
+    while not zygote.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job = zygote.spawn(["sim", "rig", "--calibration-dir", str(tmp_path / "calibration")], dict(os.environ))
+    time.sleep(1.0)
+    os.kill(job.pid, 0)  # running
+    zygote._channel.shutdown(socket.SHUT_RDWR)  # what the kernel does to the agent's end when the agent is killed
+    zygote.process.wait(timeout=60)
+    with pytest.raises(ProcessLookupError):
+        os.kill(job.pid, 0)  # stopped and reaped by the zygote
