@@ -39,7 +39,7 @@ from zk0.agent import control
 PURPOSE_TRAIN = "train"
 DEFAULT_TTL_S = 30.0
 RENEW_EVERY_S = 5.0
-WAKE_S = 0.1  # how often the holder's thread looks for a revocation or its stop
+WAKE_S = 0.1  # how often the holder's revocation watcher looks for its stop
 MAX_TTL_S = 3600.0
 LEASE, RENEW, RELEASE = "lease", "lease-renew", "lease-release"
 
@@ -181,7 +181,10 @@ class HeldLease:
         self._lock = threading.Lock()
         self._lost: str | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew_until_stopped, name="zk0-lease", daemon=True)
+        # Two threads: a renewal can wait seconds for a busy agent, and must not delay hearing a revocation.
+        self._threads = [threading.Thread(target=self._renew_until_stopped, name="zk0-lease", daemon=True)]
+        if grant.events:
+            self._threads.append(threading.Thread(target=self._watch_revocations, name="zk0-lease-events", daemon=True))
 
     @property
     def lost_reason(self) -> str | None:
@@ -199,25 +202,21 @@ class HeldLease:
             self._lost = self._lost or reason
 
     def _renew_until_stopped(self) -> None:
-        revocations = _subscribe(self.grant.events) if self.grant.events else None
-        next_renewal = time.monotonic() + self._interval
+        while not self._stop.wait(self._interval) and not self.should_stop():
+            if not self._renew():
+                return
+
+    def _watch_revocations(self) -> None:
+        revocations = _subscribe(self.grant.events)
         try:
             while not self._stop.is_set() and not self.should_stop():
-                if revocations is not None and revocations.poll(int(WAKE_S * 1000)):
+                if revocations.poll(int(WAKE_S * 1000)):
                     reason = revocation_reason(revocations.recv(), self.grant.lease_id)
                     if reason is not None:
                         self._lose(f"lease revoked by the agent: {reason}")
                         return
-                elif revocations is None:
-                    self._stop.wait(WAKE_S)
-                if time.monotonic() < next_renewal:
-                    continue
-                next_renewal = time.monotonic() + self._interval
-                if not self._renew():
-                    return
         finally:
-            if revocations is not None:
-                revocations.close(linger=0)
+            revocations.close(linger=0)
 
     def _renew(self) -> bool:
         """One renewal; False once the agent refused it (the lease is lost)."""
@@ -236,12 +235,14 @@ class HeldLease:
         return True
 
     def __enter__(self) -> HeldLease:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
         if self.lost_reason is None:
             try:  # best effort: an unreleased lease still ends at its deadline
                 control.request(self.address, RELEASE, self.timeout_s, args=LeaseRelease(self.grant.lease_id).to_args())

@@ -19,6 +19,7 @@ quiet machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -135,7 +136,8 @@ def main() -> int:
         if seed.returncode != 0:
             print(seed.stderr[-2000:], file=sys.stderr)
             return 1
-        trainer = make_trainer(state / "datasets" / "train")
+        with contextlib.redirect_stdout(sys.stderr):  # the tiny VLM's builder prints; stdout is the JSON's
+            trainer = make_trainer(state / "datasets" / "train")
         agent = subprocess.Popen([sys.executable, "-m", "zk0.cli", "agent", "--sim", "--config", str(config),
                                   "--state-dir", str(state), "--runtime-dir", str(run)], cwd=REPO,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
