@@ -40,6 +40,14 @@ class Request:
 Handler = Callable[[Request], dict[str, Any]]
 
 
+def refuse_unknown_arguments(args: Mapping[str, Any], command: str, known: Iterable[str]) -> None:
+    """For an argument check: ValueError naming the first argument of `args` that `command` does not know."""
+    known = sorted(known)
+    extra = sorted(set(args) - set(known))
+    if extra:
+        raise ValueError(f"{command}: unknown argument {extra[0]!r} (known: {', '.join(known)})")
+
+
 def command_table(commands: Commands) -> dict[str, ArgsCheck | None]:
     return dict(commands) if isinstance(commands, Mapping) else dict.fromkeys(commands)
 

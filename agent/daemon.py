@@ -19,8 +19,6 @@ config file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import enum
 import grp
 import logging
 import os
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from zk0.common.typed_yaml import to_plain
 
 DEFAULT_CONFIG = Path("/etc/zk0/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/zk0")
@@ -65,21 +65,6 @@ def sim_defaults(state_dir: Path) -> dict[str, Any]:
             "leader": {"port": "sim", "id": "leader", "calibration_dir": str(state_dir / "calibration")},
             "cameras": [{"name": "front", "type": "zmq"}, {"name": "wrist", "type": "zmq"}],
             "datasets_root": str(state_dir / "datasets")}
-
-
-def plain(value: Any) -> Any:
-    """A config as YAML-ready data (paths as text, enums as values), read back by the same typed builder."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value
 
 
 def load_agent_config(args: argparse.Namespace) -> Any:
@@ -117,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"zk0 agent: {error}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(yaml.safe_dump(plain(config), sort_keys=False), end="")
+        print(yaml.safe_dump(to_plain(config), sort_keys=False), end="")
         return 0
     try:
         prepare_dir(args.state_dir, "state dir", 0o750)
@@ -164,7 +149,7 @@ class Agent:
     def _write_effective_config(self, config: Any) -> None:
         path = self.paths.effective_config
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(plain(config), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(to_plain(config), sort_keys=False))
         tmp.replace(path)
 
     def _federation(self, config: Any):

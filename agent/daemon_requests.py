@@ -15,16 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zk0.agent.control import refuse_unknown_arguments
+
 MAX_EPISODES = 10_000
 MAX_TEXT = 500
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # one path component, never ".." or absolute
 POLICY_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,199}$")  # a store version, active or previous
-
-
-def _known(args: Mapping[str, Any], command: str, known: Sequence[str]) -> None:
-    extra = sorted(set(args) - set(known))
-    if extra:
-        raise ValueError(f"{command}: unknown argument {extra[0]!r} (known: {', '.join(known)})")
 
 
 def _text(args: Mapping[str, Any], key: str, command: str, default: str | None = None) -> str:
@@ -85,7 +81,7 @@ class RecordStart:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> RecordStart:
-        _known(args, "record", ("action", "dataset", "task", "episodes", "episode_time_s", "seed"))
+        refuse_unknown_arguments(args, "record", ("action", "dataset", "task", "episodes", "episode_time_s", "seed"))
         return cls(_matching(args, "dataset", "record", DATASET_NAME, "a dataset name (letters, digits, _.-)"),
                    _text(args, "task", "record"), _count(args, "episodes", "record", 1),
                    _seconds(args, "episode_time_s", "record"),
@@ -103,7 +99,7 @@ class RolloutStart:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> RolloutStart:
-        _known(args, "rollout", ("action", "task", "policy", "episodes", "episode_time_s", "dagger", "record"))
+        refuse_unknown_arguments(args, "rollout", ("action", "task", "policy", "episodes", "episode_time_s", "dagger", "record"))
         record = args.get("record")
         return cls(_text(args, "task", "rollout"),
                    _matching(args, "policy", "rollout", POLICY_REF, "a store version, active or previous", "active"),
@@ -122,7 +118,7 @@ class ValidateStart:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> ValidateStart:
-        _known(args, "validate", ("policy", "against", "episodes", "tasks", "promote"))
+        refuse_unknown_arguments(args, "validate", ("policy", "against", "episodes", "tasks", "promote"))
         tasks = args.get("tasks", [])
         if not isinstance(tasks, list) or len(tasks) > 50:
             raise ValueError('validate: "tasks" must be a list of at most 50 task names or instructions')
@@ -137,7 +133,7 @@ def record_action(args: Mapping[str, Any]) -> RecordStart | str:
     action = _action(args, "record", ("start", "stop", "save", "discard", "rerecord"))
     if action == "start":
         return RecordStart.from_args(args)
-    _known(args, "record", ("action",))
+    refuse_unknown_arguments(args, "record", ("action",))
     return action
 
 
@@ -145,13 +141,13 @@ def rollout_action(args: Mapping[str, Any]) -> RolloutStart | str:
     action = _action(args, "rollout", ("start", "stop"))
     if action == "start":
         return RolloutStart.from_args(args)
-    _known(args, "rollout", ("action",))
+    refuse_unknown_arguments(args, "rollout", ("action",))
     return action
 
 
 def train_action(args: Mapping[str, Any]) -> str:
     """`train`: now (lease even outside the training hours, once), pause (refuse leases, revoke the one held), resume."""
-    _known(args, "train", ("action",))
+    refuse_unknown_arguments(args, "train", ("action",))
     return _action(args, "train", ("now", "pause", "resume"))
 
 
@@ -163,7 +159,7 @@ class PolicyAction:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> PolicyAction:
-        _known(args, "policy", ("action", "version", "reason"))
+        refuse_unknown_arguments(args, "policy", ("action", "version", "reason"))
         action = _action(args, "policy", ("list", "promote", "rollback"))
         version = None
         if action == "promote":

@@ -59,12 +59,6 @@ def _ttl(args: Mapping[str, Any], command: str) -> float:
     return float(value)
 
 
-def _no_extra(args: Mapping[str, Any], command: str, known: set[str]) -> None:
-    extra = sorted(set(args) - known)
-    if extra:
-        raise ValueError(f"{command}: unknown argument {extra[0]!r} (known: {', '.join(sorted(known))})")
-
-
 @dataclass(frozen=True)
 class LeaseRequest:
     """Ask for the machine for `purpose` during `ttl_s` seconds; `holder` names the asker in the agent's logs."""
@@ -78,7 +72,7 @@ class LeaseRequest:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> LeaseRequest:
-        _no_extra(args, LEASE, {"purpose", "ttl_s", "holder"})
+        control.refuse_unknown_arguments(args, LEASE, {"purpose", "ttl_s", "holder"})
         return cls(_text(args, "purpose", LEASE), _ttl(args, LEASE), _text(args, "holder", LEASE, required=False))
 
 
@@ -92,7 +86,7 @@ class LeaseRenewal:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> LeaseRenewal:
-        _no_extra(args, RENEW, {"lease_id", "ttl_s"})
+        control.refuse_unknown_arguments(args, RENEW, {"lease_id", "ttl_s"})
         return cls(_text(args, "lease_id", RENEW), _ttl(args, RENEW))
 
 
@@ -105,7 +99,7 @@ class LeaseRelease:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> LeaseRelease:
-        _no_extra(args, RELEASE, {"lease_id"})
+        control.refuse_unknown_arguments(args, RELEASE, {"lease_id"})
         return cls(_text(args, "lease_id", RELEASE))
 
 

@@ -7,6 +7,7 @@ Shared by the agent's and the server's configs. Every error names the dotted key
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import types
 import typing
@@ -17,6 +18,21 @@ from typing import Any, Literal
 
 class ConfigError(ValueError):
     """A configuration mistake, phrased as one line naming the key at fault."""
+
+
+def to_plain(value: Any) -> Any:
+    """`build`'s inverse: a config as YAML-ready data (paths as text, enums as values) that builds back to it."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
 
 
 def build(cls: type, raw: Any, prefix: str = "") -> Any:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zk0.agent.daemon import plain, sim_defaults
+from zk0.agent.daemon import sim_defaults
+from zk0.common.typed_yaml import to_plain
 from zk0.agent.daemon_core import job_end
 from zk0.agent.daemon_requests import (
     JobPaths, PolicyAction, RecordStart, RolloutStart, ValidateStart, record_action, record_argv, rollout_argv,
@@ -83,7 +84,7 @@ def test_the_effective_config_a_job_reads_parses_back_to_the_same_config(tmp_pat
     for config in (parse_config(sim_defaults(tmp_path)), load_config(repo / "configs" / "agent.so101.example.yaml",
                                                                       check_devices=False)):
         path = tmp_path / "effective.yaml"
-        path.write_text(yaml.safe_dump(plain(config)))
+        path.write_text(yaml.safe_dump(to_plain(config)))
         assert load_config(path, check_devices=False) == config
 
 
