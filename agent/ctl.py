@@ -132,12 +132,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _follow(address: str) -> int:
+    """Print the agent's events as they come; the agent's status names its event stream."""
     from zk0.agent.events import follow
 
-    events = address.replace("agent.sock", "events.sock")
+    try:
+        events = request(address, "status", 5.0).get("events")
+    except TimeoutError as exc:
+        print(f"zk0ctl: {exc}", file=sys.stderr)
+        return 1
+    if not events:
+        print(f"zk0ctl: {address} has no event stream (a standalone command, not the zk0 agent)", file=sys.stderr)
+        return 2
     try:
         for event in follow(events):
             print(json.dumps(event), flush=True)
     except KeyboardInterrupt:
-        return 0
+        pass
     return 0

@@ -153,6 +153,7 @@ class AgentCore:
         held = None if self.lease is None else {"holder": self.lease.holder,
                                                 "expires_in_s": round(self.lease.expires_at - time.monotonic(), 1)}
         return {"state": self.state.value, "reason": self.reason, "sim": self.sim, "job": job, "lease": held,
+                "events": self.paths.events,
                 "training": self.training, "policy_store": str(self.policy_store),
                 "warm_jobs": self.zygote is not None and self.zygote.ready,
                 "datasets_root": str(self.config.datasets_root), "uptime_s": round(time.time() - self.started, 1),

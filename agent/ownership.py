@@ -72,7 +72,7 @@ def refuse_if_agent_owns_robot(command: str, directory: Path | None = None) -> N
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise RobotOwned(f"zk0 {command}: the zk0 agent{_holder(fd)} owns the robot; ask it instead "
+        raise RobotOwned(f"the zk0 agent{_holder(fd)} owns the robot; ask it instead "
                          f"(zk0ctl {command} ...), or stop it (systemctl stop zk0-agent)") from None
     finally:
         os.close(fd)

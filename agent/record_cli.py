@@ -62,11 +62,8 @@ def run(args: argparse.Namespace) -> int:
     except WriterDied as exc:
         print(f"zk0 record: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, DatasetError, CalibrationError) as exc:
+    except (ConfigError, DatasetError, CalibrationError, RobotOwned) as exc:
         print(f"zk0 record: {exc}", file=sys.stderr)
-        return 2
-    except RobotOwned as exc:
-        print(exc, file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError) as exc:
         # The episode in progress is dropped; committed episodes are safe on disk.

@@ -75,11 +75,9 @@ def run(args: argparse.Namespace) -> int:
             rollout=dataclasses.replace(config.rollout, inference=args.inference or config.rollout.inference),
         )
         return _rollout(config, args)
-    except (ConfigError, DatasetError, CalibrationError, PolicyStoreError, FileNotFoundError, CheckpointInvalid) as exc:
+    except (ConfigError, DatasetError, CalibrationError, PolicyStoreError, FileNotFoundError, CheckpointInvalid,
+            RobotOwned) as exc:
         print(f"zk0 rollout: {exc}", file=sys.stderr)
-        return 2
-    except RobotOwned as exc:
-        print(exc, file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError) as exc:
         print(f"zk0 rollout: hardware error, stopped: {exc}", file=sys.stderr)

@@ -70,11 +70,8 @@ def run(args: argparse.Namespace) -> int:
                    for role, p in policies.items()} if args.sim else None
         started = time.monotonic()
         outcomes, stopped = (_sim_outcomes(setup, runners), None) if args.sim else _robot_outcomes(args, setup, policies)
-    except (ConfigError, PolicyStoreError, ValueError, FileNotFoundError, CalibrationError) as error:
+    except (ConfigError, PolicyStoreError, ValueError, FileNotFoundError, CalibrationError, RobotOwned) as error:
         print(f"zk0 validate: {error}", file=sys.stderr)
-        return 2
-    except RobotOwned as error:
-        print(error, file=sys.stderr)
         return 2
     except (ConnectionError, TimeoutError) as error:
         print(f"zk0 validate: hardware error, stopped: {error}", file=sys.stderr)

@@ -107,3 +107,37 @@ def test_check_config_prints_the_effective_config_or_the_error(tmp_path: Path, c
     bad.write_text("host_id: h\nrobot_type: so102\n")
     assert main(["--config", str(bad), "--check-config"]) == 2
     assert "robot_type" in capsys.readouterr().err
+
+
+def test_zk0ctl_events_follows_the_stream_the_agent_names(tmp_path: Path, capsys) -> None:
+    import threading
+    import time
+
+    from tests.agent.test_lease import Agent
+    from zk0.agent.control import ControlServer
+    from zk0.agent.ctl import main as zk0ctl
+
+    address = f"ipc://{tmp_path}/agent.sock"
+    agent = Agent(address)
+    try:
+        threading.Thread(target=zk0ctl, args=(["events", "--address", address],), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while '"type": "training"' not in (seen := capsys.readouterr().out):
+            assert time.monotonic() < deadline, seen
+            agent.operator("train", "pause")  # published while the follower subscribes: repeat until one arrives
+            time.sleep(0.2)
+        assert json_line(seen, "training")["mode"] == "paused"
+    finally:
+        agent.close()
+    recorder = ControlServer(f"ipc://{tmp_path}/record.sock", ["status"], lambda request: {"state": "recording"})
+    try:  # a standalone command's control API has no event stream
+        assert zk0ctl(["events", "--address", f"ipc://{tmp_path}/record.sock"]) == 2
+        assert "has no event stream" in capsys.readouterr().err
+    finally:
+        recorder.close()
+
+
+def json_line(output: str, kind: str) -> dict:
+    import json
+
+    return next(event for event in map(json.loads, output.splitlines()) if event["type"] == kind)
