@@ -91,18 +91,20 @@ def worker_deadline(msg: Message, context: Context, now: float) -> float:
     return now + max(0.0, min(timeout, ttl_left))
 
 
-def work(kind: str, msg: Message, context: Context, should_stop: Callable[[], bool] = lambda: False) -> RecordDict | str:
+def work(kind: str, msg: Message, context: Context, should_stop: Callable[[], bool] = lambda: False,
+         on_step: Callable[[int, float], None] | None = None) -> RecordDict | str:
     """The reply content for `msg`, from the node's learning worker if it has one, else computed here; a str
-    is why the worker gave none."""
+    is why the worker gave none. `on_step(steps_done, loss)` follows training (every step here, every
+    heartbeat from a worker)."""
     address = str(context.node_config.get(LEARN_WORKER, ""))
     if not address:
         from zk0.agent import node_work
 
-        return node_work.work(kind, msg.content, context, should_stop)
+        return node_work.work(kind, msg.content, context, should_stop, on_step)
     from zk0.agent import learning_worker
 
     reply = learning_worker.call(address, kind, msg.content, context, worker_deadline(msg, context, time.monotonic()),
-                                 should_stop)
+                                 should_stop, on_step)
     return reply.reason if isinstance(reply, learning_worker.WorkerFailure) else reply
 
 
@@ -131,10 +133,11 @@ def declined(msg: Message, context: Context, reason: str) -> Message:
                    reply_to=msg)
 
 
-def train_round(msg: Message, context: Context, should_stop: Callable[[], bool]) -> Message:
+def train_round(msg: Message, context: Context, should_stop: Callable[[], bool],
+                on_step: Callable[[int, float], None] | None = None) -> Message:
     """Train on the round's global until the step budget is spent or `should_stop()`: the reply with the update,
     or a declined reply saying why the learning worker gave none."""
-    content = work("train", msg, context, should_stop)
+    content = work("train", msg, context, should_stop, on_step)
     return declined(msg, context, content) if isinstance(content, str) else Message(content, reply_to=msg)
 
 
@@ -143,15 +146,17 @@ def train(msg: Message, context: Context) -> Message:
     address = str(context.node_config.get("agent-address", ""))
     if not address:
         return train_round(msg, context, should_stop=lambda: False)
+    budget = int(msg.content.config_records["config"]["local-steps"])
     held = lease.acquire(address, holder=f"flower node {context.node_id}")
     if isinstance(held, lease.LeaseRefusal):
         return declined(msg, context, f"training lease refused: {held.reason}")
     with held:
-        reply = train_round(msg, context, held.should_stop)
+        reply = train_round(msg, context, held.should_stop,
+                            on_step=lambda done, loss: held.report(lease.TrainingProgress(done, budget, loss)))
     if DECLINED in reply.content.config_records[INFO_RECORD]:
         return reply
     steps = int(reply.content.metric_records[METRICS_RECORD]["steps"])
-    if held.lost_reason is None or steps == int(msg.content.config_records["config"]["local-steps"]):
+    if held.lost_reason is None or steps == budget:
         return reply  # lost after the last step, if at all: a complete update
     if steps == 0:
         return declined(msg, context, held.lost_reason)

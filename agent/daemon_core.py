@@ -94,6 +94,7 @@ class HeldLease:
     holder: str
     expires_at: float  # time.monotonic()
     override: bool  # granted under `zk0ctl train now`
+    progress: lease.TrainingProgress | None = None  # what the holder's last renewal reported
 
 
 class AgentCore:
@@ -150,8 +151,9 @@ class AgentCore:
     def status(self) -> dict[str, Any]:
         job = None if self.job is None else {"kind": self.job.kind, "pid": self.job.process.pid, "warm": self.job.warm,
                                              "last_line": self.job.last_line, "log": str(self.job.log_path)}
-        held = None if self.lease is None else {"holder": self.lease.holder,
-                                                "expires_in_s": round(self.lease.expires_at - time.monotonic(), 1)}
+        held = None if self.lease is None else {
+            "holder": self.lease.holder, "expires_in_s": round(self.lease.expires_at - time.monotonic(), 1),
+            "progress": None if self.lease.progress is None else self.lease.progress.to_args()}
         return {"state": self.state.value, "reason": self.reason, "sim": self.sim, "job": job, "lease": held,
                 "events": self.paths.events,
                 "training": self.training, "policy_store": str(self.policy_store),
@@ -289,6 +291,10 @@ class AgentCore:
         ttl_s = min(args.ttl_s, verdict.ttl_s)
         if renewal:
             self.lease.expires_at = time.monotonic() + ttl_s
+            if args.progress is not None and args.progress != self.lease.progress:
+                self.lease.progress = args.progress
+                self.publish("progress", holder=self.lease.holder, lease_id=self.lease.lease_id,
+                             **args.progress.to_args())
             return lease.LeaseGrant(self.lease.lease_id, ttl_s).to_reply()
         self.lease = HeldLease(uuid.uuid4().hex, args.holder, time.monotonic() + ttl_s, self.training == "now")
         self.publish("lease", status="granted", holder=args.holder, ttl_s=ttl_s, reason=verdict.reason)

@@ -18,8 +18,9 @@ job trains. Frames:
                                  content: the message's RecordDict in Flower's own protobuf (flwr.common.serde)
              [header]            {"kind": "ping"}, or {"kind": "stop", "job": "<id>"}
     reply    [header, content]   {"ok": true} + the reply's RecordDict, same encoding
-             [header]            {"ok": true, "job": "<id running>"|null, "built": n} (ping: n policy + data
-                                 builds so far), {"ok": true, "stopped": b} (stop), or {"ok": false, "error": "..."}
+             [header]            {"ok": true, "job": "<id running>"|null, "built": n, "progress": [steps, loss]|null}
+                                 (ping: n policy + data builds so far, the running training's steps done and last
+                                 loss), {"ok": true, "stopped": b} (stop), or {"ok": false, "error": "..."}
 
 So a request carries exactly what the ClientApp received (content, run and node ids, node config) and a reply
 exactly what it sends back. One job runs at a time (one node's messages are sequential); a job asked for while
@@ -150,6 +151,10 @@ class Job:
     request: WorkerRequest
     peer: bytes
     stop: threading.Event = field(default_factory=threading.Event)
+    progress: tuple[int, float] | None = None  # (steps done, last loss) of a training job, set by its thread
+
+    def record_step(self, done: int, loss: float) -> None:
+        self.progress = (done, loss)  # one tuple assignment: the serving thread reads it whole
 
 
 class LearningWorker:
@@ -204,7 +209,8 @@ class LearningWorker:
             request = parse_request(frames, self.max_request_bytes)
             if request.kind == "ping":
                 job = self._job.request.job if self._job else None
-                return [json.dumps({"ok": True, "job": job, "built": self.sessions_built}).encode()]
+                progress = self._job.progress if self._job else None
+                return [json.dumps({"ok": True, "job": job, "built": self.sessions_built, "progress": progress}).encode()]
             if request.kind == "stop":
                 stopped = self._job is not None and self._job.request.job == request.job
                 if stopped:
@@ -226,7 +232,7 @@ class LearningWorker:
         before = node_work.current_session()
         started = time.perf_counter()
         try:
-            content = node_work.work(request.kind, request.content, request.context(), job.stop.is_set)
+            content = node_work.work(request.kind, request.content, request.context(), job.stop.is_set, job.record_step)
             reply = [b'{"ok": true}', recorddict_to_proto(content).SerializeToString()]
         except Exception as exc:  # a failing job must still answer, and the worker must go on
             log.exception("%s job %s failed", request.kind, request.job)
@@ -253,7 +259,7 @@ class LearningWorker:
 # --- the ClientApp's side ----------------------------------------------------------------------------------
 
 PING_TIMEOUT_S = 5.0  # a worker's serving thread answers within milliseconds, even while a job trains
-HEARTBEAT_S = 10.0  # how often a waiting ClientApp checks that the worker still runs its job
+HEARTBEAT_S = 5.0  # how often a waiting ClientApp checks that the worker still runs its job (and its progress)
 STOP_CHECK_S = 0.05  # how often it checks its stop condition (a revoked lease) while the job runs
 
 
@@ -287,10 +293,12 @@ def ping(address: str, timeout_s: float = PING_TIMEOUT_S) -> dict[str, Any] | No
 
 
 def call(address: str, kind: str, content: RecordDict, context: Context, deadline: float,
-         should_stop: Callable[[], bool] = lambda: False) -> RecordDict | WorkerFailure:
+         should_stop: Callable[[], bool] = lambda: False,
+         on_progress: Callable[[int, float], None] | None = None) -> RecordDict | WorkerFailure:
     """The worker's reply content for a `kind` message, or why there is none. Never waits past `deadline`
     (monotonic seconds); asks the worker to stop the job as soon as `should_stop()`, then waits for the partial
-    result; gives up early when the worker stops answering pings or no longer runs the job."""
+    result; gives up early when the worker stops answering pings or no longer runs the job. Each heartbeat's
+    training progress goes to `on_progress(steps_done, loss)`."""
     job = uuid.uuid4().hex
     header = {"kind": kind, "job": job, "run_id": context.run_id, "node_id": context.node_id,
               "node_config": dict(context.node_config)}
@@ -315,9 +323,13 @@ def call(address: str, kind: str, content: RecordDict, context: Context, deadlin
                 answer = _exchange(zmq_context, address, [b'{"kind": "ping"}'], PING_TIMEOUT_S)
                 if answer is None:
                     return WorkerFailure(f"the learning worker at {address} stopped answering")
+                heartbeat = json.loads(answer[0])
                 # not running our job: it ended (its reply is on its way) or the worker restarted without it
-                if json.loads(answer[0]).get("job") != job and not socket.poll(1000):
+                if heartbeat.get("job") != job and not socket.poll(1000):
                     return WorkerFailure(f"the learning worker at {address} lost the {kind} job (restarted?)")
+                progress = heartbeat.get("progress")
+                if on_progress is not None and heartbeat.get("job") == job and progress:
+                    on_progress(int(progress[0]), float(progress[1]))
                 next_heartbeat = now + HEARTBEAT_S
         reply = socket.recv_multipart()
         answer = json.loads(reply[0])

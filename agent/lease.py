@@ -7,7 +7,8 @@ and keeps asking while it trains. The messages travel over the agent's control A
     {"command": "lease", "args": {"purpose": "train", "ttl_s": 30, "holder": "flower node 42"}}
         -> {"ok": true, "granted": true, "lease_id": "7f3a...", "ttl_s": 30}
         -> {"ok": true, "granted": false, "reason": "recording in progress"}
-    {"command": "lease-renew", "args": {"lease_id": "7f3a...", "ttl_s": 30}}
+    {"command": "lease-renew", "args": {"lease_id": "7f3a...", "ttl_s": 30,
+                                        "progress": {"step": 120, "steps": 1500, "loss": 0.41}}}
         -> the grant again (the lease now runs ttl_s from this answer), or a refusal: the agent revoked
            the lease (an operator started recording, a rollout began, the training hours ended ...)
     {"command": "lease-release", "args": {"lease_id": "7f3a..."}}
@@ -24,10 +25,14 @@ A grant may name the agent's event stream (`"events": "ipc://.../events.sock"`, 
 then also listens there and loses the lease the moment the agent publishes its end (`{"type": "lease",
 "status": "ended", "lease_id": ...}`), so an operator who starts recording waits for one training step, not for
 the next renewal.
+
+A renewal may carry the holder's training progress (`progress`: optimizer steps done of the round's budget and
+the last step's loss, or null); the agent shows it in its status and publishes it on its event stream.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -41,6 +46,7 @@ DEFAULT_TTL_S = 30.0
 RENEW_EVERY_S = 5.0
 WAKE_S = 0.1  # how often the holder's revocation watcher looks for its stop
 MAX_TTL_S = 3600.0
+MAX_STEPS = 10**9
 LEASE, RENEW, RELEASE = "lease", "lease-renew", "lease-release"
 
 
@@ -77,17 +83,48 @@ class LeaseRequest:
 
 
 @dataclass(frozen=True)
+class TrainingProgress:
+    """How far the holder's training has come: `step` of `steps` optimizer steps, the last step's loss."""
+
+    step: int
+    steps: int
+    loss: float | None = None
+
+    def to_args(self) -> dict[str, Any]:
+        finite = self.loss is not None and math.isfinite(self.loss)
+        return {"step": self.step, "steps": self.steps, "loss": self.loss if finite else None}
+
+    @classmethod
+    def from_args(cls, value: Any, command: str) -> TrainingProgress:
+        if not isinstance(value, dict) or set(value) != {"step", "steps", "loss"}:
+            raise ValueError(f'{command}: "progress" must be an object with "step", "steps" and "loss"')
+        step, steps, loss = value["step"], value["steps"], value["loss"]
+        for key, count in (("step", step), ("steps", steps)):
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_STEPS:
+                raise ValueError(f'{command}: progress "{key}" must be a whole number in [0, {MAX_STEPS}]')
+        if step > steps:
+            raise ValueError(f'{command}: progress "step" ({step}) is past "steps" ({steps})')
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
+            raise ValueError(f'{command}: progress "loss" must be a finite number or null')
+        return cls(step, steps, None if loss is None else float(loss))
+
+
+@dataclass(frozen=True)
 class LeaseRenewal:
     lease_id: str
     ttl_s: float
+    progress: TrainingProgress | None = None
 
     def to_args(self) -> dict[str, Any]:
-        return {"lease_id": self.lease_id, "ttl_s": self.ttl_s}
+        progress = {"progress": self.progress.to_args()} if self.progress is not None else {}
+        return {"lease_id": self.lease_id, "ttl_s": self.ttl_s, **progress}
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> LeaseRenewal:
-        control.refuse_unknown_arguments(args, RENEW, {"lease_id", "ttl_s"})
-        return cls(_text(args, "lease_id", RENEW), _ttl(args, RENEW))
+        control.refuse_unknown_arguments(args, RENEW, {"lease_id", "ttl_s", "progress"})
+        progress = args.get("progress")
+        return cls(_text(args, "lease_id", RENEW), _ttl(args, RENEW),
+                   None if progress is None else TrainingProgress.from_args(progress, RENEW))
 
 
 @dataclass(frozen=True)
@@ -165,7 +202,8 @@ class HeldLease:
     """A granted lease: renewed from a background thread while the `with` block runs, released at its end.
 
     `should_stop()` is the trainer's preemption hook: true once the agent revoked the lease or it ran out
-    unrenewed; `lost_reason` then says which.
+    unrenewed; `lost_reason` then says which. `report(progress)` hands the agent the training's progress with
+    the next renewal.
     """
 
     def __init__(self, address: str, grant: LeaseGrant, sent_at: float, timeout_s: float = 2.0) -> None:
@@ -174,6 +212,7 @@ class HeldLease:
         self._deadline = lease_deadline(sent_at, grant.ttl_s)
         self._lock = threading.Lock()
         self._lost: str | None = None
+        self._progress: TrainingProgress | None = None
         self._stop = threading.Event()
         # Two threads: a renewal can wait seconds for a busy agent, and must not delay hearing a revocation.
         self._threads = [threading.Thread(target=self._renew_until_stopped, name="zk0-lease", daemon=True)]
@@ -190,6 +229,10 @@ class HeldLease:
             if self._lost is None and time.monotonic() >= self._deadline:
                 self._lost = f"lease expired unrenewed (no answer from the agent at {self.address})"
             return self._lost is not None
+
+    def report(self, progress: TrainingProgress) -> None:
+        with self._lock:
+            self._progress = progress
 
     def _lose(self, reason: str) -> None:
         with self._lock:
@@ -215,9 +258,10 @@ class HeldLease:
     def _renew(self) -> bool:
         """One renewal; False once the agent refused it (the lease is lost)."""
         sent_at = time.monotonic()
+        with self._lock:
+            renewal = LeaseRenewal(self.grant.lease_id, self.grant.ttl_s, self._progress)
         try:
-            reply = control.request(self.address, RENEW, self.timeout_s,
-                                    args=LeaseRenewal(self.grant.lease_id, self.grant.ttl_s).to_args())
+            reply = control.request(self.address, RENEW, self.timeout_s, args=renewal.to_args())
         except TimeoutError:
             return True  # try again next interval; should_stop() ends the lease at its deadline
         answer = parse_answer(reply)

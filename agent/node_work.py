@@ -175,8 +175,10 @@ def query_content(content: RecordDict, context: Context) -> RecordDict:
                        METRICS_RECORD: MetricRecord({"num-frames": stats.count})})
 
 
-def train_content(content: RecordDict, context: Context, should_stop: Callable[[], bool]) -> RecordDict:
-    """Train on the round's global until the step budget is spent or `should_stop()`; the reply with the update."""
+def train_content(content: RecordDict, context: Context, should_stop: Callable[[], bool],
+                  on_step: Callable[[int, float], None] | None = None) -> RecordDict:
+    """Train on the round's global until the step budget is spent or `should_stop()`; the reply with the update.
+    `on_step(steps_done, loss)` hears every step (the learning worker's progress)."""
     from zk0.learn.trainer import LocalTrainer, TrainerConfig
 
     node = session(context, content)
@@ -186,7 +188,7 @@ def train_content(content: RecordDict, context: Context, should_stop: Callable[[
                            TrainerConfig(batch_size=int(config["batch-size"]),
                                          seed=int(config["seed"]) + 7919 * int(config["server-round"])))
     result = trainer.train(global_state, int(config["local-steps"]), lr=float(config["lr"]),
-                           mu=float(config["proximal-mu"]), should_stop=should_stop)
+                           mu=float(config["proximal-mu"]), should_stop=should_stop, on_step=on_step)
     kind = drill(context)
     payload = encoded_update(result.state, global_state, str(config["codec"]), kind)
     metrics = {
@@ -230,10 +232,11 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
 KINDS = ("query", "train", "evaluate")
 
 
-def work(kind: str, content: RecordDict, context: Context, should_stop: Callable[[], bool]) -> RecordDict:
-    """The reply content for a message of `kind` (`should_stop` matters to training only)."""
+def work(kind: str, content: RecordDict, context: Context, should_stop: Callable[[], bool],
+         on_step: Callable[[int, float], None] | None = None) -> RecordDict:
+    """The reply content for a message of `kind` (`should_stop` and `on_step` matter to training only)."""
     if kind == "train":
-        return train_content(content, context, should_stop)
+        return train_content(content, context, should_stop, on_step)
     if kind == "evaluate":
         return evaluate_content(content, context)
     if kind == "query":

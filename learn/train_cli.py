@@ -59,17 +59,16 @@ def plot_losses(losses: list[float], path: Path) -> Figure:
 
 class _Progress:
     def __init__(self, total: int):
-        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.total, self.started = total, time.perf_counter()
 
-    def __call__(self) -> bool:
-        """Called between steps as the trainer's should_stop: draws the bar, never stops training."""
-        self.done += 1
+    def __call__(self, done: int, loss: float) -> None:
+        """Called after every step as the trainer's on_step: draws the bar."""
         width = 30
-        filled = width * min(self.done, self.total) // max(self.total, 1)
-        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done - 1}/{self.total} {rate:.1f} step/s")
+        filled = width * min(done, self.total) // max(self.total, 1)
+        rate = done / max(time.perf_counter() - self.started, 1e-9)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} loss {loss:.3f} "
+                         f"{rate:.1f} step/s")
         sys.stderr.flush()
-        return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     train_data = train_parts[0] if len(train_parts) == 1 else ConcatData(train_parts)
     trainer = LocalTrainer(bundle.policy, bundle.preprocessor, train_data,
                            TrainerConfig(batch_size=args.batch_size, seed=args.seed))
-    result = trainer.train(None, args.steps, lr=args.lr, should_stop=_Progress(args.steps))
+    result = trainer.train(None, args.steps, lr=args.lr, on_step=_Progress(args.steps))
     sys.stderr.write("\n")
     metrics["losses"] = result.losses
     metrics["train_seconds"] = result.seconds

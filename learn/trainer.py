@@ -99,11 +99,13 @@ class LocalTrainer:
         lr: float | None = None,
         mu: float = 0.0,
         should_stop: Callable[[], bool] = _never,
+        on_step: Callable[[int, float], None] | None = None,
     ) -> TrainResult:
         """Run up to `steps` optimizer steps from `global_state` (None: the policy's current weights).
 
         lr=None follows lerobot's SmolVLA warmup+cosine preset over `steps`; a number is held constant (the
         server schedules it per round). mu is FedProx's proximal weight (0: plain local SGD, FedAvg).
+        `on_step(steps_done, loss)` follows progress after every step (a progress bar, the agent's status).
         """
         if steps < 0 or mu < 0:
             raise ValueError(f"steps and mu must be >= 0 (got steps={steps}, mu={mu})")
@@ -136,6 +138,8 @@ class LocalTrainer:
             losses.append(float(loss.detach()))
             prox_losses.append(float(prox.detach()))
             grad_norms.append(float(grad_norm))
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
 
         done = len(losses)
         return TrainResult(

@@ -224,23 +224,37 @@ def test_worker_results_equal_the_in_process_results_bit_for_bit(federation, wor
 
 
 def test_a_revoked_lease_stops_the_worker_with_a_partial_update(federation, worker_process, tmp_path: Path) -> None:  # noqa: F811
-    """The agent's real core grants the lease; an operator pauses training 3 s in (the worker is warm: tens of
-    steps done), long before the 100000-step budget is spent: the ClientApp stops the worker's job."""
+    """The agent's real core grants the lease; once the worker's progress has reached the agent (worker ->
+    ClientApp heartbeat -> lease renewal -> the agent's status), an operator pauses training, long before the
+    100000-step budget is spent: the ClientApp stops the worker's job."""
     root, strategy, arrays = federation
     agent_address = f"ipc://{tmp_path}/agent.sock"
     agent = Agent(agent_address)
-    revoke = threading.Timer(3.0, agent.operator, ("train", "pause"))
+    seen: list[dict] = []
+
+    def pause_once_progress_shows() -> None:
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
+            progress = (agent.operator("status").get("lease") or {}).get("progress")
+            if progress and progress["step"] > 0:
+                seen.append(progress)
+                break
+            time.sleep(0.1)
+        agent.operator("train", "pause")
+
+    operator = threading.Thread(target=pause_once_progress_shows)
     try:
         msg = _train_message(strategy, arrays, 3, local_steps=100_000)
-        revoke.start()
+        operator.start()
         reply = client_app.train(msg, _context({"dataset-roots": str(root), "policy-store": str(tmp_path / "p"),
                                                 "agent-address": agent_address,
                                                 client_app.LEARN_WORKER: worker_process}))
     finally:
-        revoke.cancel()
+        operator.join()
         agent.close()
     steps = reply.content.metric_records[METRICS_RECORD]["steps"]
-    assert 0 < steps < 100_000
+    assert seen and seen[0]["steps"] == 100_000 and seen[0]["loss"] > 0
+    assert seen[0]["step"] <= steps < 100_000
     assert reply.content.config_records[INFO_RECORD][PREEMPTED] == \
         "lease revoked by the agent: revoked: training paused by the operator"
     assert learning_worker.ping(worker_process)["job"] is None

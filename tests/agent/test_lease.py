@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
 from zk0.agent import client_app, lease
 from zk0.agent.control import ControlServer, Request, request
-from zk0.agent.lease import LeaseGrant, LeaseRefusal, LeaseRelease, LeaseRenewal, LeaseRequest
+from zk0.agent.lease import LeaseGrant, LeaseRefusal, LeaseRelease, LeaseRenewal, LeaseRequest, TrainingProgress
 
 NODE_ID = 7
 
@@ -57,9 +59,13 @@ def address(tmp_path: Path) -> str:
 # --- protocol ---------------------------------------------------------------------------------------------
 
 def test_messages_round_trip_through_their_arguments() -> None:
-    for message in (LeaseRequest("train", 30.0, "flower node 7"), LeaseRenewal("lease-1", 30.0), LeaseRelease("lease-1")):
+    for message in (LeaseRequest("train", 30.0, "flower node 7"), LeaseRenewal("lease-1", 30.0), LeaseRelease("lease-1"),
+                    LeaseRenewal("lease-1", 30.0, TrainingProgress(120, 1500, 0.41)),
+                    LeaseRenewal("lease-1", 30.0, TrainingProgress(0, 0, None))):
         assert type(message).from_args(message.to_args()) == message
     assert LeaseRequest.from_args({"purpose": "train", "ttl_s": 30}) == LeaseRequest("train", 30.0, "")
+    # a diverged step's loss travels as null: JSON has no NaN, and the lease must not die of it
+    assert TrainingProgress(3, 10, float("nan")).to_args() == {"step": 3, "steps": 10, "loss": None}
     assert lease.parse_answer({"ok": True, **LeaseGrant("lease-1", 10.0).to_reply()}) == LeaseGrant("lease-1", 10.0)
     assert lease.parse_answer({"ok": True, **LeaseRefusal("recording").to_reply()}) == LeaseRefusal("recording")
 
@@ -75,10 +81,39 @@ def test_messages_round_trip_through_their_arguments() -> None:
     (LeaseRequest.from_args, {"purpose": "train", "ttl_s": 30, "gpu": 1}, "lease: unknown argument 'gpu'"),
     (LeaseRenewal.from_args, {"lease_id": "x"}, 'lease-renew: "ttl_s" must be'),
     (LeaseRelease.from_args, {"lease_id": 5}, 'lease-release: "lease_id" must be a non-empty string'),
+    (LeaseRenewal.from_args, {"lease_id": "x", "ttl_s": 5, "progress": [1, 2]}, 'progress" must be an object'),
+    (LeaseRenewal.from_args, {"lease_id": "x", "ttl_s": 5, "progress": {"step": 1, "steps": 2}},
+     'progress" must be an object with "step", "steps" and "loss"'),
+    (LeaseRenewal.from_args, {"lease_id": "x", "ttl_s": 5, "progress": {"step": 3, "steps": 2, "loss": 0.1}},
+     'progress "step" \\(3\\) is past "steps" \\(2\\)'),
+    (LeaseRenewal.from_args, {"lease_id": "x", "ttl_s": 5, "progress": {"step": True, "steps": 2, "loss": 0.1}},
+     'progress "step" must be a whole number'),
+    (LeaseRenewal.from_args, {"lease_id": "x", "ttl_s": 5, "progress": {"step": 1, "steps": 2.5, "loss": 0.1}},
+     'progress "steps" must be a whole number'),
+    (LeaseRenewal.from_args, {"lease_id": "x", "ttl_s": 5, "progress": {"step": 1, "steps": 2, "loss": "low"}},
+     'progress "loss" must be a finite number or null'),
+    (LeaseRenewal.from_args, {"lease_id": "x", "ttl_s": 5, "progress": {"step": 1, "steps": 2, "loss": float("inf")}},
+     'progress "loss" must be a finite number or null'),
 ])
 def test_malformed_arguments_are_refused_with_a_reason(check, args, error) -> None:
     with pytest.raises(ValueError, match=error):
         check(args)
+
+
+NUMBERS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
+
+
+@given(progress=st.fixed_dictionaries({"step": NUMBERS, "steps": NUMBERS, "loss": NUMBERS},
+                                      optional={"extra": NUMBERS}) | NUMBERS)
+def test_any_progress_a_renewal_carries_is_well_formed_or_refused_with_a_reason(progress) -> None:
+    try:
+        parsed = TrainingProgress.from_args(progress, lease.RENEW)
+    except ValueError as exc:
+        assert str(exc).startswith("lease-renew: progress") or '"progress" must be' in str(exc)
+        return
+    assert 0 <= parsed.step <= parsed.steps <= lease.MAX_STEPS
+    assert parsed.loss is None or abs(parsed.loss) < float("inf")  # finite: NaN and inf never get in
+    assert TrainingProgress.from_args(parsed.to_args(), lease.RENEW) == parsed
 
 
 @pytest.mark.parametrize(("reply", "reason"), [
@@ -126,6 +161,38 @@ def test_grant_is_renewed_past_its_ttl_and_released(address: str) -> None:
                 time.sleep(0.02)
         assert held.lost_reason is None
         assert agent.core.lease is None and agent.core.state.value == "idle"  # released
+    finally:
+        agent.close()
+
+
+def test_renewals_carry_training_progress_to_the_status_and_the_event_stream(address: str) -> None:
+    from zk0.agent.events import follow
+
+    agent = Agent(address)
+    try:
+        held = lease.acquire(address, holder="flower node 7", ttl_s=0.6)  # renewed every 0.2 s
+        events = follow(agent.core.paths.events, poll_s=0.1, until=time.monotonic() + 10.0)
+        trained = threading.Event()
+
+        def train() -> None:  # steps go on until the subscriber (connecting asynchronously) has seen one
+            for step in range(1, 1500):
+                if trained.wait(0.05):
+                    return
+                held.report(TrainingProgress(step, 1500, 0.5))
+
+        with held:
+            trainer = threading.Thread(target=train)
+            trainer.start()
+            try:
+                progress = next(e for e in events if e["type"] == "progress")
+            finally:
+                trained.set()
+                trainer.join()
+            assert progress["holder"] == "flower node 7" and progress["lease_id"] == held.grant.lease_id
+            assert 0 < progress["step"] < 1500 and (progress["steps"], progress["loss"]) == (1500, 0.5)
+            held.report(TrainingProgress(1499, 1500, None))
+            time.sleep(0.5)  # two renewals
+            assert agent.operator("status")["lease"]["progress"] == {"step": 1499, "steps": 1500, "loss": None}
     finally:
         agent.close()
 

@@ -82,7 +82,7 @@ def test_a_whole_host_session_through_zk0ctl(tmp_path: Path) -> None:
             fleet.wait_until_online()
 
             server_config = tmp_path / "server.yaml"
-            server_config.write_text("training: {local_steps: 1500, batch_size: 2, eval_fraction: 0.5}\n"
+            server_config.write_text("training: {local_steps: 3000, batch_size: 2, eval_fraction: 0.5}\n"
                                      "evaluation: {max_samples: 16}\nnodes: {round_timeout_s: 900}\n")
             server = load_server_config(server_config, overrides={
                 "rounds": 3, "model": "tiny", "run_dir": str(tmp_path / "server"), "min_nodes": 1,
@@ -92,9 +92,12 @@ def test_a_whole_host_session_through_zk0ctl(tmp_path: Path) -> None:
                 server.run_config(server_config), timeout_s=1800)))
             runner.start()
 
-            training = wait_for(run, lambda s: s["state"] == "training", 900, agent, "a training lease")
-            assert training["lease"]["holder"] == f"flower node {node_id}"
-            time.sleep(20.0)  # past the worker's first build of the policy and data (~7 s here), some steps in
+            # the worker's progress reaches the agent (heartbeat, then lease renewal: <= ~10 s behind): some steps
+            # in, and with 3000 to do (~30 s here) round 1 cannot end before the recording starts
+            training = wait_for(run, lambda s: ((s.get("lease") or {}).get("progress") or {}).get("step"), 900,
+                                agent, "training progress under the lease")
+            assert training["state"] == "training" and training["lease"]["holder"] == f"flower node {node_id}"
+            assert 0 < training["lease"]["progress"]["step"] < training["lease"]["progress"]["steps"] == 3000
             preempt = zk0ctl(run, "record", "start", "--dataset", "demo", "--task", TASK, "--episodes", "1",
                              "--episode-time-s", "3")
             assert preempt.returncode == 0, preempt.stderr
@@ -109,7 +112,7 @@ def test_a_whole_host_session_through_zk0ctl(tmp_path: Path) -> None:
             clients = [c for r in metrics["rounds"] for c in r.get("clients", {}).values()]
             reasons = [c.get("reason", "") for c in clients]
             assert reasons[0].startswith("partial update") and "revoked: record started" in reasons[0], reasons
-            assert clients[-1]["outcome"] == "accepted" and clients[-1]["metrics"]["steps"] == 1500, clients[-1]
+            assert clients[-1]["outcome"] == "accepted" and clients[-1]["metrics"]["steps"] == 3000, clients[-1]
 
             listing = zk0ctl(run, "policy", "list")
             assert listing.returncode == 0 and "round3" in listing.stdout, listing.stdout + listing.stderr

@@ -50,8 +50,11 @@ def test_preemption_returns_partial_update_with_true_counts(tiny_setup):
     start = trainable_state(bundle.policy)
     polls = []
     trainer = LocalTrainer(bundle.policy, bundle.preprocessor, train, TrainerConfig(batch_size=4, seed=1))
-    result = trainer.train(start, steps=50, lr=1e-3, should_stop=lambda: polls.append(1) or len(polls) > 3)
+    progress = []
+    result = trainer.train(start, steps=50, lr=1e-3, should_stop=lambda: polls.append(1) or len(polls) > 3,
+                           on_step=lambda done, loss: progress.append((done, loss)))
     assert result.steps_done == 3 and result.examples == 12
+    assert progress == list(enumerate(result.losses, start=1))  # after every step, with that step's loss
     assert any(not torch.equal(result.state[k], start[k]) for k in start)
     now = trainable_state(bundle.policy)
     assert all(torch.equal(result.state[k], now[k]) for k in now)  # the update is the policy's current state
