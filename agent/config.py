@@ -20,6 +20,7 @@ import yaml
 
 from zk0.agent.control import DEFAULT_CONTROL_ADDRESS
 from zk0.agent.idle import IdleSettings
+from zk0.agent.policy_rules import parse_size
 from zk0.hw.config import ArmConfig, CameraConfig, SafetySettings
 from zk0.common.typed_yaml import ConfigError, build
 
@@ -111,10 +112,21 @@ class FederationSettings:
     runtime_port: int | None = None  # local port the SuperNode serves its ClientApps on (Flower's default: none)
     insecure: bool = False  # plain-text gRPC: only for isolated test networks
     node_name: str = ""  # the name the server reports this node by; empty: the config's host_id
+    # After each global policy arrives, the store keeps the newest `keep_versions` versions and then fits in
+    # `max_policy_store` (e.g. "5G"); active and previous are never removed. null: no limit.
+    keep_versions: int | None = 20
+    max_policy_store: str | None = None
 
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ValueError("datasets: a non-empty list of dataset names or roots")
+        if self.keep_versions is not None and self.keep_versions < 1:
+            raise ValueError(f"keep_versions: at least 1 (or null: keep every version), got {self.keep_versions}")
+        if self.max_policy_store is not None:
+            try:
+                parse_size(self.max_policy_store)
+            except ValueError as exc:
+                raise ValueError(f"max_policy_store: {exc}") from None
         if not self.insecure and self.root_certificates is None:
             raise ValueError("root_certificates: required unless insecure is true")
 

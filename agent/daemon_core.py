@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zk0.agent import lease
+from zk0.agent.arrivals import ArrivalWatch
 from zk0.agent.control import Request
 from zk0.agent.daemon_jobs import Job
 from zk0.agent.daemon_requests import (
@@ -39,6 +40,7 @@ log = logging.getLogger("zk0.agent")
 SESSION_COMMANDS = ("save", "discard", "rerecord", "stop")  # a recording session's own commands, forwarded
 ALWAYS_ON_TRAINING = {"daily": ["00:00-24:00"]}
 POLICY_TIMEOUT_S = 120.0
+ARRIVAL_CHECK_S = 1.0  # how often the loop looks for a newly delivered global (a directory listing)
 
 COMMANDS = {
     "status": None, "estop": None, "clear": None,
@@ -114,6 +116,8 @@ class AgentCore:
         self.started = time.time()
         self.extra_status: Callable[[], dict[str, Any]] = dict  # what the process shell adds (its children)
         self.zygote = None  # zk0.agent.job_zygote.Zygote, set by the process shell: jobs start warm from it
+        self.arrivals = ArrivalWatch(policy_store / "versions")
+        self._next_arrival_check = 0.0
 
     # -- state -------------------------------------------------------------------------------------------
     def _to(self, event: Event, reason: str) -> None:
@@ -127,8 +131,13 @@ class AgentCore:
         self.last_operator = datetime.now(host_timezone())
 
     def tick(self) -> None:
-        """The loop's share: a job that ended, a lease that ran out."""
+        """The loop's share: a job that ended, a lease that ran out, a global policy that arrived."""
         with self.lock:
+            if time.monotonic() >= self._next_arrival_check:
+                self._next_arrival_check = time.monotonic() + ARRIVAL_CHECK_S
+                for result in self.arrivals.new_results():
+                    log.info("global policy %s arrived", result["version"])
+                    self.publish("round", **result)
             if self.job is not None and not self.job.running:
                 event, why = job_end(self.job.kind, self.job.returncode)
                 detail = f"{why}: {self.job.last_line}" if event is not Event.JOB_DONE or why == "could not start" else why

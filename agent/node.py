@@ -14,6 +14,8 @@ checked like the rest of the file; no device is opened) plus `host_id` and `data
       runtime_port: 9094                           # local port the SuperNode serves its ClientApps on
       insecure: false                              # only for isolated test networks
       node_name: arm1                              # how the server names this node; default: host_id
+      keep_versions: 20                            # the policy store keeps the newest 20 versions ...
+      max_policy_store: 5G                         # ... within 5 GiB (null: no limit; never active/previous)
 
 `zk0 node --config FILE --check` prints the supernode command line and the node config it would run
 with, or the config's mistake, and exits.
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zk0.agent.config import AgentConfig, load_config
+from zk0.agent.policy_rules import parse_size
 from zk0.common.flower_process import LaunchError, ManagedProcess, flower_env, flower_tool
 from zk0.common.typed_yaml import ConfigError
 
@@ -67,16 +70,20 @@ class NodeSettings:
     insecure: bool = False
     runtime_port: int | None = None
     node_name: str = ""
+    keep_versions: int | None = None
+    max_policy_bytes: int | None = None
     extra_node_config: dict[str, NodeConfigValue] = field(default_factory=dict)
 
     def node_config(self) -> dict[str, NodeConfigValue]:
-        """What the ClientApp reads from `context.node_config`."""
+        """What the ClientApp reads from `context.node_config` (a limit left out is no limit)."""
+        limits = {"policy-keep": self.keep_versions, "policy-max-bytes": self.max_policy_bytes}
         return {
             "dataset-roots": ",".join(str(p) for p in self.datasets),
             "policy-store": str(self.policy_store),
             "agent-address": self.agent_address,
             "device": self.device,
             "node-name": self.node_name,
+            **{key: value for key, value in limits.items() if value is not None},
             **self.extra_node_config,
         }
 
@@ -98,6 +105,8 @@ def node_settings(config: AgentConfig) -> NodeSettings:
         insecure=federation.insecure,
         runtime_port=federation.runtime_port,
         node_name=federation.node_name or config.host_id,
+        keep_versions=federation.keep_versions,
+        max_policy_bytes=None if federation.max_policy_store is None else parse_size(federation.max_policy_store),
     )
 
 

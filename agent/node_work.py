@@ -12,7 +12,9 @@ warm between messages. One code path, so both give the same bytes for the same i
   with its metrics; the metrics count the steps actually done;
 - evaluate: check the aggregated model's digest, evaluate it on the local held-out split, and deliver it to
   the host's policy store (zk0.agent.policy_store) as version `run<Flower run id>-round<N>`, with that
-  held-out loss as its node metrics; the store's first version becomes active, later ones wait for promotion.
+  held-out loss as its node metrics; the store's first version becomes active, later ones wait for promotion;
+  then the store is pruned to node config `policy-keep` versions and `policy-max-bytes` (never active or
+  previous).
 
 Drills (node config `drill`, see zk0.agent.client_app) break replies here, as the server will see them:
 - `nan`: an fp32 update with a NaN in it, re-sealed; `hash`: an update whose checksum does not match;
@@ -224,6 +226,9 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     store = PolicyStore(Path(str(context.node_config.get("policy-store", "policies"))))
     store.add_from_bundle(node.bundle, run=f"run{context.run_id}", round=int(config["server-round"]), stats=node.stats,
                           server_metrics={}, global_sha256=str(config[GLOBAL_SHA256]), node_metrics=metrics)
+    keep, max_bytes = context.node_config.get("policy-keep"), context.node_config.get("policy-max-bytes")
+    if keep is not None or max_bytes is not None:  # the store's retention (agent config federation.keep_versions)
+        store.prune(keep=None if keep is None else int(keep), max_bytes=None if max_bytes is None else int(max_bytes))
     return RecordDict({METRICS_RECORD: MetricRecord({**metrics, "eval-seconds": eval_seconds}),
                        INFO_RECORD: node_info(context)})
 

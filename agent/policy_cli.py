@@ -14,22 +14,21 @@ The store is `--store DIR`, else the agent config's `federation.policy_store` (`
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from zk0.agent.policy_rules import parse_size
+
 DEFAULT_CONFIG = Path("configs/agent.yaml")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """Bytes from `123`, `500M`, `1.5G`, `2GiB` (powers of 1024)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 2G)")
-    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
+def size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rollback.add_argument("--reason", default="", help="why, kept in the store's history")
     prune = sub.add_parser("prune", parents=[common], help="remove old versions (never active or previous)")
     prune.add_argument("--keep", type=int, help="keep at most this many versions, the newest")
-    prune.add_argument("--max-bytes", type=parse_size, help="then remove the oldest until the store fits (500M, 2G)")
+    prune.add_argument("--max-bytes", type=size_argument, help="then remove the oldest until the store fits (500M, 2G)")
     export = sub.add_parser("export", parents=[common], help="write a version as a standalone lerobot checkpoint")
     export.add_argument("ref", help="version name, active or previous")
     export.add_argument("dir", type=Path, help="new directory to write")

@@ -11,6 +11,7 @@ from typing import Any
 
 POINTERS = ("active", "previous")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 
 
 class PolicyStoreError(ValueError):
@@ -59,6 +60,14 @@ def rolled_back(state: StoreState, by: str, at: float, reason: str = "") -> Stor
     entry = {"at": at, "action": "rollback", "version": state.previous, "replaced": state.active, "by": by,
              "reason": reason}
     return StoreState(state.previous, state.active, (*state.history, entry))
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `123`, `500M`, `1.5G`, `2GiB` (powers of 1024); ValueError for anything else."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 500M, 2G)")
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
 
 
 def prune_selection(versions: Sequence[tuple[str, int, str]], base_bytes: Mapping[str, int], protected: set[str],

@@ -122,3 +122,19 @@ def test_evaluate_reply_names_the_node(federation, tmp_path: Path, normal_schedu
     assert dict(reply.content["info"]) == {NODE_NAME: "kitchen", DATASET_ID: client_app.dataset_id([root])}
     assert reply.content.metric_records["metrics"]["num-examples"] > 0
     assert (tmp_path / "policies" / "versions" / "run1-round1").is_dir()  # see tests/agent/test_policy_store.py
+
+
+def test_each_delivered_global_prunes_the_store_to_its_limits(federation, tmp_path: Path, normal_scheduling) -> None:  # noqa: F811
+    """policy-keep 1 (agent config federation.keep_versions): round 1 became active on arrival, so it stays;
+    of the later rounds only the newest does."""
+    from zk0.agent.policy_store import PolicyStore
+
+    root, strategy, arrays = federation
+    config = {"dataset-roots": str(root), "policy-store": str(tmp_path / "policies"), "policy-keep": 1}
+    for server_round in (1, 2, 3):
+        with serverapp_identity():
+            [msg] = pushed(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), ListingGrid([NODE_ID])))
+        client_app.evaluate(msg, _context(config))
+    store = PolicyStore(tmp_path / "policies")
+    assert [v.name for v in store.versions()] == ["run1-round1", "run1-round3"]
+    assert store.state().active == "run1-round1"

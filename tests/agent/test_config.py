@@ -65,6 +65,7 @@ def test_federation_section_types() -> None:
     assert federation.datasets == ["a", "/abs/b"] and federation.runtime_port == 9094
     assert federation.root_certificates == Path("~/ca.crt").expanduser() and federation.insecure is False
     assert federation.node_name == "" and federation.policy_store == Path("/var/lib/zk0/policies")
+    assert (federation.keep_versions, federation.max_policy_store) == (20, None)
 
 
 def test_valid_config_types() -> None:
@@ -124,6 +125,10 @@ def test_safety_rollout_and_validation_defaults_and_values() -> None:
          "federation.runtime_port: expected int, got float 1.5"),
         (("federation",), {"superlink": "h:1", "datasets": ["a"]},
          "federation.root_certificates: required unless insecure is true"),
+        (("federation",), {"superlink": "h:1", "datasets": ["a"], "insecure": True, "keep_versions": 0},
+         "federation.keep_versions: at least 1 (or null: keep every version), got 0"),
+        (("federation",), {"superlink": "h:1", "datasets": ["a"], "insecure": True, "max_policy_store": "lots"},
+         "federation.max_policy_store: not a size: 'lots' (e.g. 500M, 2G)"),
         (("idle",), {"quiet": 5}, "idle.quiet: unknown key"),
         (("idle",), {"quiet_time_s": "5m"}, "idle.quiet_time_s: expected float, got str '5m'"),
         (("idle",), {"quiet_time_s": -1}, "idle.quiet_time_s: must be a number >= 0, got -1.0"),

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from tests.agent.test_policy_store import _flip, store, tiny, two_versions  # noqa: F401 (fixtures)
-from zk0.agent.policy_cli import parse_size
+from zk0.agent.policy_cli import size_argument
+from zk0.agent.policy_rules import parse_size
 from zk0.agent.policy_store import STORE_FILE, TRAINABLE_FILE, PolicyStore
 from zk0.cli import main
 
@@ -29,8 +30,10 @@ def test_sizes(text: str, size: int) -> None:
 
 
 def test_a_bad_size_is_refused() -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
+    with pytest.raises(ValueError, match="not a size: 'lots'"):
         parse_size("lots")
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size: 'lots'"):  # argparse shows the reason
+        size_argument("lots")
 
 
 def test_list_show_promote_rollback(store: PolicyStore, capsys) -> None:

@@ -51,13 +51,17 @@ def test_supernode_command_has_tls_auth_and_node_config(tmp_path):
     assert 'dataset-roots="/data/pick,/abs/push"' in node_config
     assert 'policy-store="/var/lib/zk0/policies"' in node_config
     assert 'node-name="h1"' in node_config  # named after the host by default
+    assert "policy-keep=20" in node_config and "policy-max-bytes" not in node_config  # the store's default limits
 
 
 def test_typed_settings_node_name_and_insecure(tmp_path):
     settings = load_node_settings(_write(tmp_path, HOST_YAML + (
-        "federation: {superlink: 'h:1', datasets: [a], insecure: true, node_name: arm-7, runtime_port: 9094}\n")))
+        "federation: {superlink: 'h:1', datasets: [a], insecure: true, node_name: arm-7, runtime_port: 9094,"
+        " keep_versions: null, max_policy_store: 1.5G}\n")))
     assert settings.insecure is True and settings.runtime_port == 9094 and settings.datasets == [Path("/data/a")]
-    assert settings.node_config()["node-name"] == "arm-7"
+    node_config = settings.node_config()
+    assert node_config["node-name"] == "arm-7"
+    assert "policy-keep" not in node_config and node_config["policy-max-bytes"] == int(1.5 * 2**30)
     command = supernode_command(settings)
     assert "--insecure" in command and "--root-certificates" not in command
     assert command[command.index("--port") + 1] == "9094"
