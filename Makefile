@@ -6,7 +6,7 @@ APT_PACKAGES := libsystemd-dev pkg-config ffmpeg
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-slow test-all bench clean install-units
+.PHONY: setup demo test test-slow test-all bench experiment clean install-units
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +35,9 @@ test-all: setup
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+
+experiment: setup   # issue #13's benchmark (<= 90 min on 2 cores): results in outputs/fl-vs-central/results.md
+	OMP_NUM_THREADS=1 $(VENV)/bin/zk0 experiment fl-vs-central --out outputs/fl-vs-central
 
 clean:
 	rm -rf outputs .pytest_cache

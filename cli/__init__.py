@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollout": ("zk0.agent.rollout_cli", "run a policy on the robot inside the safety envelope"),
     "validate": ("zk0.agent.validate_cli", "compare a candidate policy with the active one on paired seeded episodes"),
     "demo": ("zk0.cli.demo", "the zk0 demo on simulated hardware"),
+    "experiment": ("zk0.cli.experiment", "experiments on a simulated fleet: fl-vs-central (success of federated vs "
+                                         "centralized fine-tuning)"),
 }
 
 

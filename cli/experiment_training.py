@@ -1,0 +1,86 @@
+"""The base policy every arm starts from, and the arms trained without a federation (`zk0 train`).
+
+The base is a lerobot checkpoint directory. `--base` takes one, or a preset name:
+- `sim-base`: the small SmolVLA pretrained for the simulated world (`zk0 model sim-base OUT --seed S`), built
+  once into `~/.cache/zk0/sim-base/seed-S` and reused;
+- `tiny`: the untrained tiny stand-in, saved as a checkpoint by `zk0 train --steps 0` (for developing the
+  harness: it does not learn to succeed).
+From a checkpoint, every arm fine-tunes only the action expert with the VLM frozen (zk0.learn.policy), and all
+of them build the same model from it: `zk0 train --model PATH` and the federation's `model: PATH` both load it.
+
+Centralized and local-only arms are `zk0 train` runs (its own code, as a subprocess: the same command a user
+runs), with its default SmolVLA warmup + cosine LR over the arm's steps and the union's (or the host's)
+normalization statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PRESETS = ("sim-base", "tiny")
+DEFAULT_BASE = "tiny"  # becomes "sim-base" once `zk0 model sim-base` exists: the one line to switch
+
+
+def _zk0(args: Sequence[str], log_path: Path) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        result = subprocess.run([sys.executable, "-m", "zk0.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise RuntimeError(f"zk0 {' '.join(args[:2])} exited {result.returncode}; see {log_path}")
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def sim_base_cache(seed: int) -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "zk0" / "sim-base" / f"seed-{seed}"
+
+
+def prepare_base(base: str, work_dir: Path, datasets: Sequence[Path], seed: int) -> Path:
+    """The base checkpoint directory for `base` (a preset name or a checkpoint path), built if needed."""
+    if base == "sim-base":
+        checkpoint = sim_base_cache(seed)
+        if not is_checkpoint(checkpoint):
+            _zk0(["model", "sim-base", str(checkpoint), "--seed", str(seed)], work_dir / "logs" / "sim-base.log")
+    elif base == "tiny":
+        checkpoint = work_dir / "base" / "checkpoint"
+        if not is_checkpoint(checkpoint):
+            vlm = work_dir / "base" / "tiny-vlm"
+            _zk0(["model", "tiny", str(vlm)], work_dir / "logs" / "base.log")
+            _zk0(["train", *[a for d in datasets for a in ("--dataset", str(d))], "--steps", "0", "--model", str(vlm),
+                  "--seed", str(seed), "--out", str(work_dir / "base"), "--device", "cpu"],
+                 work_dir / "logs" / "base.log")
+    else:
+        checkpoint = Path(base).resolve()
+    if not is_checkpoint(checkpoint):
+        raise FileNotFoundError(f"base {base!r}: no checkpoint at {checkpoint} (config.json + model.safetensors)")
+    return checkpoint
+
+
+def fine_tuning_lr(checkpoint: Path) -> float:
+    """The LR the base's config asks fine-tuning to peak at (SmolVLA's `optimizer_lr`): `zk0 train` follows it,
+    and FedAvg's constant LR is set to it, so those two arms step alike."""
+    return float(json.loads((checkpoint / "config.json").read_text())["optimizer_lr"])
+
+
+def train_arm(name: str, base: Path, datasets: Sequence[Path], steps: int, batch_size: int, seed: int,
+              out: Path, log_dir: Path) -> dict[str, Any]:
+    """`zk0 train` from `base` on `datasets` for `steps`: its checkpoint, wall seconds (the whole command) and
+    train seconds (the optimizer steps, from its metrics.json)."""
+    started = time.monotonic()
+    _zk0(["train", *[a for d in datasets for a in ("--dataset", str(d))], "--steps", str(steps), "--model", str(base),
+          "--batch-size", str(batch_size), "--seed", str(seed), "--out", str(out), "--device", "cpu"],
+         log_dir / f"train-{name}.log")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"checkpoint": out / "checkpoint", "wall_s": time.monotonic() - started,
+            "train_s": metrics.get("train_seconds"), "steps": len(metrics.get("losses", []))}
