@@ -13,13 +13,15 @@ the agent's loop at half the configured WatchdogSec, so a hung loop stops the pi
 STOPPING=1 on SIGTERM, which stops the job (the recorder saves its episode, a rollout holds then cuts torque),
 revokes the lease, stops the SuperNode and exits 0. SIGHUP reloads the config; an invalid one is refused, logged
 and the old one kept. `--sim` runs every job on the simulated rig with the scripted operator, and needs no
-config file.
+config file; the agent starts that rig once and keeps it (`SimRig`), as a real host's arms and cameras exist
+before any job, so a job only connects to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import grp
+import json
 import logging
 import os
 import signal
@@ -32,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from zk0.agent.record_cli import sim_rig_options
 from zk0.common.typed_yaml import to_plain
 
 DEFAULT_CONFIG = Path("/etc/zk0/agent.yaml")
@@ -140,8 +143,11 @@ class Agent:
 
         self.paths.logs.mkdir(parents=True, exist_ok=True)
         self.core.zygote = Zygote(self.paths.logs / "zygote.log", without_systemd(os.environ))
+        self.sim_rig = SimRig(self.paths.sim_rig, self.paths.runtime_dir / "sim-calibration") if args.sim else None
+        self._keep_sim_rig()
         self.federation = self._federation(config)
-        self.core.extra_status = lambda: {"federation": self.federation.describe() if self.federation else None}
+        self.core.extra_status = lambda: {"federation": self.federation.describe() if self.federation else None,
+                                          "sim_rig": None if self.sim_rig is None else self.sim_rig.serving is not None}
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._status_sent = ""
@@ -185,6 +191,7 @@ class Agent:
                     self._reload_config()
                 try:
                     self.core.tick()
+                    self._keep_sim_rig()
                     if self.federation is not None:
                         self.federation.tick()
                     self._send_status()
@@ -196,6 +203,20 @@ class Agent:
         finally:
             self._shutdown()
         return 0
+
+    def _keep_sim_rig(self) -> None:
+        """With --sim: (re)start the rig when it is missing, died, or no longer simulates the config (SIGHUP), never
+        under a job that drives it. Its description goes before the lock is let go: a job started later starts its
+        own rig until the new one is up."""
+        if self.sim_rig is None:
+            return
+        with self.core.lock:
+            wanted = sim_rig_options(self.core.config)
+            job_running = self.core.job is not None and self.core.job.running
+            if not rig_needs_start(self.sim_rig.serving, wanted, job_running, self.sim_rig.retry_at, time.monotonic()):
+                return
+            self.sim_rig.withdraw()
+        self.sim_rig.restart(wanted)
 
     def _status_line(self) -> str:
         core = self.core
@@ -248,10 +269,71 @@ class Agent:
         if self.federation is not None:
             self.federation.stop()
         self.core.zygote.close()
+        if self.sim_rig is not None:
+            self.sim_rig.close()
         self.events.publish("state", state="stopped", previous=self.core.state.value, reason="agent stopped")
         self.control.close()
         self.events.close()
         self.lock.release()
+
+
+SIM_RIG_RETRY_S = 5.0  # after a failed start of the agent's simulated rig (its jobs start their own meanwhile)
+
+
+def rig_needs_start(serving: dict[str, Any] | None, wanted: dict[str, Any], job_running: bool, retry_at: float,
+                    now: float) -> bool:
+    """Whether the agent's simulated rig must be (re)started: none is running (`serving`: the options of the live
+    one) or it simulates other hardware than the config's, no job is driving it, and a failed start is not too
+    recent."""
+    return not job_running and serving != wanted and now >= retry_at
+
+
+class SimRig:
+    """The simulated rig `zk0 agent --sim` keeps for its jobs (zk0.hw.sim.rig), its description (the rig's JSON
+    `start` line) at `description`, where jobs attach to it (`zk0 record --sim-rig`)."""
+
+    def __init__(self, description: Path, calibration_dir: Path) -> None:
+        self.description = description
+        self.calibration_dir = calibration_dir
+        self.retry_at = 0.0  # time.monotonic()
+        self._rig = None
+        self._options: dict[str, Any] | None = None
+
+    @property
+    def serving(self) -> dict[str, Any] | None:
+        """The `RigHandle.start` options of the running rig; None when there is none (never started, or died)."""
+        running = self._rig is not None and self._rig.process.poll() is None
+        return self._options if running else None
+
+    def withdraw(self) -> None:
+        """Unlink the description: no job attaches to this rig from now on."""
+        self.description.unlink(missing_ok=True)
+
+    def restart(self, options: dict[str, Any]) -> None:
+        """Stop the rig (withdrawn first) and start one simulating `options`; the description names it once up."""
+        from zk0.hw.sim.rig import RigError, RigHandle
+
+        self._stop()
+        try:
+            self._rig = RigHandle.start(**options, calibration_dir=self.calibration_dir)
+        except (RigError, OSError, ValueError) as error:
+            self.retry_at = time.monotonic() + SIM_RIG_RETRY_S
+            log.error("simulated rig did not start (jobs start their own; retrying in %.0f s): %s", SIM_RIG_RETRY_S, error)
+            return
+        self._options = options
+        tmp = self.description.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._rig.info))
+        tmp.replace(self.description)
+        log.info("simulated rig up for the jobs (%s)", self.description)
+
+    def close(self) -> None:
+        self.withdraw()
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._rig is not None:
+            self._rig.close()
+        self._rig, self._options = None, None
 
 
 def restrict_socket(path: Path) -> None:

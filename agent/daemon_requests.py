@@ -169,8 +169,9 @@ class PolicyAction:
 
 @dataclass(frozen=True)
 class JobPaths:
-    """What every job command shares: the agent's effective config, where datasets and policies live, and the
-    control address the agent forwards operator commands to."""
+    """What every job command shares: the agent's effective config, where datasets and policies live, the
+    control address the agent forwards operator commands to, and with --sim the description of the rig the agent
+    keeps running for its jobs (zk0.hw.sim.rig.RigHandle.attach)."""
 
     config: Path
     datasets_root: Path
@@ -178,6 +179,14 @@ class JobPaths:
     control: str
     sim: bool
     reports: Path = field(default=Path("reports"))
+    sim_rig: Path | None = None
+
+
+def _rig_flags(paths: JobPaths) -> list[str]:
+    """The flags of a job that drives the arm: the simulated rig with --sim, the agent's own rig when it keeps one."""
+    if not paths.sim:
+        return []
+    return ["--sim"] + (["--sim-rig", str(paths.sim_rig)] if paths.sim_rig is not None else [])
 
 
 def record_argv(request: RecordStart, paths: JobPaths) -> list[str]:
@@ -185,7 +194,7 @@ def record_argv(request: RecordStart, paths: JobPaths) -> list[str]:
             "--task", request.task, "--episodes", str(request.episodes), "--control", paths.control, "--no-progress"]
     argv += ["--episode-time-s", str(request.episode_time_s)] if request.episode_time_s else []
     argv += ["--seed", str(request.seed)] if request.seed is not None else []
-    return argv + (["--sim"] if paths.sim else [])
+    return argv + _rig_flags(paths)
 
 
 def rollout_argv(request: RolloutStart, paths: JobPaths) -> list[str]:
@@ -194,7 +203,7 @@ def rollout_argv(request: RolloutStart, paths: JobPaths) -> list[str]:
     argv += ["--episode-time-s", str(request.episode_time_s)] if request.episode_time_s else []
     argv += ["--dagger"] if request.dagger else []
     argv += ["--record", request.record, "--root", str(paths.datasets_root)] if request.record else []
-    return argv + (["--sim"] if paths.sim else [])
+    return argv + _rig_flags(paths)
 
 
 def validate_argv(request: ValidateStart, paths: JobPaths, report_dir: Path) -> list[str]:

@@ -19,6 +19,7 @@ died, the agent starts the job as a fresh process instead (zk0.agent.daemon_jobs
 from __future__ import annotations
 
 import array
+import gc
 import json
 import logging
 import os
@@ -36,7 +37,8 @@ log = logging.getLogger("zk0.agent.zygote")
 PRELOAD = ("zk0.agent.record_cli", "zk0.agent.record", "zk0.agent.writer_process", "zk0.agent.dataset_store",
            "zk0.agent.rollout_cli", "zk0.agent.rollout", "zk0.agent.rollout_engines", "zk0.agent.validate_cli",
            "zk0.hw.robots", "zk0.hw.sim.rig", "lerobot.robots.so_follower", "lerobot.teleoperators.so_leader",
-           "lerobot.datasets.lerobot_dataset", "lerobot.cameras.zmq", "lerobot.policies.smolvla.modeling_smolvla")
+           "lerobot.datasets.lerobot_dataset", "lerobot.cameras.zmq", "lerobot.policies.smolvla.modeling_smolvla",
+           "torchcodec")  # lerobot picks its video backend by importing it when a dataset is created
 MAX_MESSAGE = 1 << 20
 
 
@@ -48,6 +50,9 @@ def serve(fd: int, preload: Sequence[str] = PRELOAD) -> int:
     channel = socket.socket(fileno=fd)
     for name in preload:
         importlib.import_module(name)
+    # Out of the collector's sight: a job's first full collection would otherwise walk (and so write to, copying
+    # each page on write) the ~450k objects the imports made, which cost a forked job ~0.6 s before its first step.
+    gc.freeze()
     channel.send(json.dumps({"ready": True}).encode())
     jobs: set[int] = set()
     while True:

@@ -338,6 +338,8 @@ class Recorder:
                         break
                     if self._progress:
                         self._progress(episode_index, n)
+                elif n == 1 and self._progress:  # teleop runs from the first frame on: say so then, not a second later
+                    self._progress(episode_index, n)
                 # A late tick moves the schedule rather than bursting to catch up: a burst would capture
                 # frames closer together than the fps the dataset claims.
                 deadline = max(deadline + period, end)

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, help="datasets root (overrides the config's datasets_root)")
     parser.add_argument("--sim", action="store_true", help="record on the simulated rig with the scripted operator")
     parser.add_argument("--seed", type=int, default=0, help="with --sim: seed of the first episode's scene")
+    add_sim_rig_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--control", metavar="ADDRESS", help="control API address for zk0ctl (default from config)")
     parser.add_argument("--write-calibration", action="store_true",
@@ -163,9 +164,23 @@ def check_recording_seeds(first_seed: int, recorded: int, episodes: int) -> None
                           f"must stay in [0, {VALIDATION_SEED_BASE}), validation uses the seeds from there")
 
 
+def add_sim_rig_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sim-rig", type=Path, metavar="FILE",
+                        help="with --sim: use the running rig this file describes (the agent's) when it serves this "
+                             "config, instead of starting one")
+
+
+def sim_rig_options(config) -> dict:
+    """The `RigHandle.start` arguments (robot, cameras, rate, image size) that simulate `config`'s hardware."""
+    width, height = (config.cameras[0].width, config.cameras[0].height) if config.cameras else (640, 480)
+    return {"robot": config.robot_type, "cameras": tuple(c.name for c in config.cameras) or ("front", "wrist"),
+            "fps": config.record.fps, "width": width, "height": height}
+
+
 def _start_sim(config, args, stack: ExitStack, bus_trace: Path | None = None):
-    """Start the simulated rig and point the config at its ports, cameras and calibration files; `bus_trace`:
-    where the rig logs the servo writes it receives (zk0.hw.sim.bus_trace)."""
+    """Attach to the running rig `--sim-rig` names, else start one; point the config at its ports, cameras and
+    calibration files. `bus_trace`: where the rig logs the servo writes it receives (zk0.hw.sim.bus_trace); only a
+    rig started here has one."""
     import tempfile
 
     from zk0.agent.config import ConfigError
@@ -175,13 +190,11 @@ def _start_sim(config, args, stack: ExitStack, bus_trace: Path | None = None):
     task_name = sim_task_name(args.task)
     if task_name is None:
         raise ConfigError(f"--task {args.task!r} matches no simulated task ({', '.join(_sim_instructions())})")
-    width, height = (config.cameras[0].width, config.cameras[0].height) if config.cameras else (640, 480)
-    calibration_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zk0-sim-calibration-")))
-    rig = RigHandle.start(
-        robot=config.robot_type, cameras=tuple(c.name for c in config.cameras) or ("front", "wrist"),
-        fps=config.record.fps, width=width, height=height, calibration_dir=calibration_dir, seed=args.seed,
-        bus_trace=bus_trace,
-    )
+    options = sim_rig_options(config)
+    rig = None if args.sim_rig is None or bus_trace is not None else RigHandle.attach(args.sim_rig, **options)
+    if rig is None:
+        calibration_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zk0-sim-calibration-")))
+        rig = RigHandle.start(**options, calibration_dir=calibration_dir, seed=args.seed, bus_trace=bus_trace)
     stack.callback(rig.close)
     cameras = [
         CameraConfig(name=name, type="zmq", width=cam.width, height=cam.height, fps=cam.fps,

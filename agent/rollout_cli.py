@@ -21,7 +21,9 @@ from pathlib import Path
 from zk0.agent import lease
 from zk0.agent.control import Request
 from zk0.agent.dagger import VERBS
-from zk0.agent.record_cli import DEFAULT_CONFIG, SimEnvironment, require_free_disk, sim_task_name
+from zk0.agent.record_cli import (
+    DEFAULT_CONFIG, SimEnvironment, add_sim_rig_argument, require_free_disk, sim_task_name,
+)
 
 CONTROL_COMMANDS = {**dict.fromkeys(("status", "estop", *VERBS)), **lease.COMMANDS}
 
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episode-time-s", type=float, help="episode length (default: the config's record.episode_time_s)")
     parser.add_argument("--sim", action="store_true", help="run on the simulated rig; its task verdict judges each episode")
     parser.add_argument("--seed", type=int, default=0, help="with --sim: seed of the first episode's scene")
+    add_sim_rig_argument(parser)
     parser.add_argument("--record", metavar="DATASET", help="also record the episodes into this dataset (under the datasets root)")
     parser.add_argument("--root", type=Path, help="datasets root (overrides the config's datasets_root)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="agent config (default %(default)s)")

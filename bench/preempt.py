@@ -5,10 +5,12 @@ node's ClientApp runs) that trains the tiny SmolVLA with zk0's local trainer on 
 stop; then, per trial, the agent is asked to record (`record start`, as `zk0ctl` sends it), and three
 instants are taken:
 
+- record answered: the agent's reply to `record start` (the job is started by then);
 - lease lost: the holder's `should_stop()` turns true (the agent's revocation on its event stream);
 - training stopped: the end of the training step that was running then (steps stop only at a boundary);
 - teleop running: the recording job reports its first recorded frame (its own control API, `frames` > 0).
-  Jobs are forked from the agent's pre-imported zygote (zk0.agent.job_zygote): the trials start once it is ready.
+  Jobs are forked from the agent's pre-imported zygote (zk0.agent.job_zygote) and connect to the simulated rig
+  the agent keeps for them (zk0.agent.daemon.SimRig): the trials start once both are ready.
 
 Per trial the recording is stopped at once (`zk0ctl stop`: that episode is saved) and the next trial waits for
 the agent to be idle and the lease to be granted again. Prints one JSON object: p50/p99 of each latency over
@@ -79,18 +81,27 @@ def trial(run: Path, trainer, index: int) -> dict[str, float]:
         trainer.train(None, 10**9, should_stop=should_stop)
         stopped["at"] = time.perf_counter()
 
+    teleop: dict[str, float] = {}
     with held:
         worker = threading.Thread(target=train)
         worker.start()
         time.sleep(1.0)  # well into training
+        # watched beside the training, so a training step that ends late does not delay the teleop figure
+        watcher = threading.Thread(target=_first_frame, args=(run, teleop))
         sent = time.perf_counter()
         ask(run, "record", {"action": "start", "dataset": "bench", "task": TASK, "episodes": 1, "episode_time_s": 30,
                             "seed": index})
+        answered = time.perf_counter()
+        watcher.start()
         worker.join()
-    teleop = wait(lambda: _frames(run) > 0, 300, "first recorded frame", poll_s=0.02)
+    watcher.join()
     ask(run, "stop")
     wait(lambda: ask(run, "status")["state"] == "idle", 300, "the agent back to idle", poll_s=0.2)
-    return {"lease_lost_s": lost_seen[0] - sent, "training_stopped_s": stopped["at"] - sent, "teleop_running_s": teleop - sent}
+    return {"record_answered_s": answered - sent, "lease_lost_s": lost_seen[0] - sent, "training_stopped_s": stopped["at"] - sent, "teleop_running_s": teleop["at"] - sent}
+
+
+def _first_frame(run: Path, into: dict[str, float]) -> None:
+    into["at"] = wait(lambda: _frames(run) > 0, 300, "first recorded frame", poll_s=0.02)
 
 
 def wait_for_lease(run: Path):
@@ -143,7 +154,8 @@ def main() -> int:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait(lambda: (run / "agent.sock").exists(), 120, "the agent", poll_s=0.2)
-            wait(lambda: ask(run, "status").get("warm_jobs"), 300, "the agent's warm job process", poll_s=0.5)
+            wait(lambda: all(ask(run, "status").get(key) for key in ("warm_jobs", "sim_rig")), 300,
+                 "the agent's warm job process and simulated rig", poll_s=0.5)
             trials = []
             for index in range(args.trials):
                 trials.append(trial(run, trainer, index))

@@ -13,11 +13,12 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lerobot.cameras import CameraConfig as LeRobotCameraConfig
 from lerobot.cameras.opencv import OpenCVCameraConfig
-from lerobot.cameras.zmq import ZMQCameraConfig
+from lerobot.cameras.zmq import ZMQCamera, ZMQCameraConfig
 from lerobot.motors import MotorCalibration
 from lerobot.motors.feetech import FeetechMotorsBus
 from lerobot.robots import Robot
@@ -85,7 +86,7 @@ def connect_without_prompt(
     for attempt in range(1, attempts + 1):
         try:
             _settle_calibration(device, write_calibration)
-            device.connect(calibrate=False)
+            _connect(device)
             return
         except CalibrationError:
             raise
@@ -94,6 +95,31 @@ def connect_without_prompt(
             if attempt == attempts:
                 raise ConnectionError(f"{device}: could not connect after {attempts} attempts: {error}") from error
             logger.warning("%s: connect attempt %d failed (%s); retrying", device, attempt, str(error).splitlines()[0])
+
+
+def _connect(device: Robot | Teleoperator) -> None:
+    """lerobot's `connect(calibrate=False)`, except that a ZMQ camera is ready at its first frame.
+
+    lerobot's warmup reads each camera for a fixed `warmup_s` (1 s), one camera after the other: the time a camera
+    sensor needs to settle its exposure. The frames of a stream server (lerobot's image server, the sim rig's
+    cameras) need no settling, and those seconds were most of a recording's start."""
+    cameras = getattr(device, "cameras", {}).values()
+    streamed = [camera for camera in cameras if isinstance(camera, ZMQCamera)]
+    if not streamed:
+        device.connect(calibrate=False)
+        return
+    device.bus.connect()  # what SOFollower.connect does, with the stream cameras' warmup replaced
+    with ThreadPoolExecutor(len(streamed), thread_name_prefix="zk0-camera-connect") as pool:
+        list(pool.map(_connect_at_first_frame, streamed))  # together: each connect waits on its server, not the CPU
+    for camera in cameras:
+        if not isinstance(camera, ZMQCamera):
+            camera.connect()
+    device.configure()
+
+
+def _connect_at_first_frame(camera: ZMQCamera) -> None:
+    camera.connect(warmup=False)
+    camera.async_read(timeout_ms=camera.timeout_ms)
 
 
 def _settle_calibration(device: Robot | Teleoperator, write_calibration: bool) -> None:

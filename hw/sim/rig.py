@@ -3,6 +3,8 @@
 `zk0 sim rig` runs `Rig` and prints one JSON line (ports, addresses, calibration) before serving a
 JSON REQ/REP control API. `RigHandle.start(...)` launches that process and is the client: lerobot's
 SO follower/leader and ZMQ cameras connect to the ports it reports with nothing else changed.
+`RigHandle.attach(...)` is a client of a rig another process keeps running (`zk0 agent --sim` starts one for
+all its jobs, as a real host's arms and cameras exist before any job): closing it leaves the rig running.
 
 Threads in the rig process: one per arm bus (pty server), one stepping the world at `SIM_HZ` (the
 operator places the leader's joints, the follower's present positions move the world), one rendering
@@ -49,6 +51,7 @@ LEADER_ID = "sim_leader"
 # the follower is.
 HOME_JOINTS = np.zeros(6)
 CONTROL_TIMEOUT_MS = 10_000
+ATTACH_TIMEOUT_MS = 1_000  # a rig kept by another process that does not answer this fast is taken for gone
 
 
 # The joints the table can stop (zk0.hw.sim.world.stop_at_table moves only these).
@@ -279,10 +282,17 @@ class RigError(RuntimeError):
     """The rig refused a request or did not answer."""
 
 
-class RigHandle:
-    """Client of a `zk0 sim rig` process: ports, lerobot configs, and the control API."""
+def rig_serves(info: dict[str, Any], robot: str, cameras: tuple[str, ...], fps: int, width: int, height: int) -> bool:
+    """Whether the rig `info` describes is the one these `RigHandle.start` arguments would start."""
+    served = [(c["name"], c["width"], c["height"]) for c in info["cameras"]]
+    return (info["robot"], info["fps"], served) == (robot, fps, [(name, width, height) for name in cameras])
 
-    def __init__(self, process: subprocess.Popen, info: dict[str, Any]) -> None:
+
+class RigHandle:
+    """Client of a `zk0 sim rig` process: ports, lerobot configs, and the control API. It owns the process it
+    started (`start`), and only its connection to one it attached to (`attach`)."""
+
+    def __init__(self, process: subprocess.Popen | None, info: dict[str, Any]) -> None:
         self.process = process
         self.info = info
         self.follower_port: str = info["follower_port"]
@@ -290,7 +300,6 @@ class RigHandle:
         self.calibration_dir = Path(info["calibration_dir"])
         self._socket = zmq.Context.instance().socket(zmq.REQ)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.RCVTIMEO, CONTROL_TIMEOUT_MS)
         self._socket.connect(info["control"])
 
     @classmethod
@@ -313,12 +322,34 @@ class RigHandle:
             raise RigError(f"zk0 sim rig exited ({process.returncode}) before describing itself")
         return cls(process, json.loads(line))
 
-    def request(self, command: str, **fields: Any) -> dict[str, Any]:
-        self._socket.send_json({"cmd": command, **fields})
+    @classmethod
+    def attach(cls, description: Path, robot: str, cameras: tuple[str, ...], fps: int, width: int,
+               height: int) -> RigHandle | None:
+        """A client of the running rig whose `start` line (its JSON description) is in the file `description`, if
+        that rig answers within a second and serves these arguments (`rig_serves`); None otherwise (no such file,
+        a rig gone or built for another config), and the caller starts its own."""
         try:
-            reply = self._socket.recv_json()
-        except zmq.Again as error:
-            raise RigError(f"sim rig did not answer {command!r} within {CONTROL_TIMEOUT_MS} ms") from error
+            info = json.loads(description.read_text())
+            if not rig_serves(info, robot, cameras, fps, width, height):
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        handle = cls(None, info)
+        try:
+            handle._ask("describe", {}, ATTACH_TIMEOUT_MS)
+        except RigError:
+            handle.close()
+            return None
+        return handle
+
+    def request(self, command: str, **fields: Any) -> dict[str, Any]:
+        return self._ask(command, fields, CONTROL_TIMEOUT_MS)
+
+    def _ask(self, command: str, fields: dict[str, Any], timeout_ms: int) -> dict[str, Any]:
+        self._socket.send_json({"cmd": command, **fields})
+        if not self._socket.poll(timeout_ms):
+            raise RigError(f"sim rig did not answer {command!r} within {timeout_ms} ms")
+        reply = self._socket.recv_json()
         if not reply.get("ok"):
             raise RigError(reply.get("error", f"sim rig refused {command!r}"))
         return reply
@@ -371,7 +402,7 @@ class RigHandle:
         return config_class(port=self.leader_port, id=self.info["leader_id"], calibration_dir=self.calibration_dir)
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             try:
                 self.request("shutdown")
             except RigError:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zk0.agent.daemon import sim_defaults
+from zk0.agent.daemon import rig_needs_start, sim_defaults
 from zk0.common.typed_yaml import to_plain
 from zk0.agent.daemon_core import job_end
 from zk0.agent.daemon_requests import (
@@ -53,6 +53,10 @@ def test_job_command_lines_are_the_standalone_commands() -> None:
     assert argv[:2] == ["validate", "--config"] and argv[-5:] == ["--task", "a", "--task", "b", "--promote"]
     assert "--sim" not in argv and "--sim" in validate_argv(validate, PATHS.__class__(**{**PATHS.__dict__, "sim": True}),
                                                              Path("r"))
+    on_sim = JobPaths(**{**PATHS.__dict__, "sim": True, "sim_rig": Path("/run/zk0/sim-rig.json")})
+    assert record_argv(record, on_sim)[-3:] == rollout_argv(rollout, on_sim)[-3:] == [
+        "--sim", "--sim-rig", "/run/zk0/sim-rig.json"]  # the agent's running rig
+    assert "--sim-rig" not in validate_argv(validate, on_sim, Path("r"))  # validation runs in the lock-step sim
     with pytest.raises(ValueError, match='"policy" must be a store version'):
         ValidateStart.from_args({"policy": "/etc/passwd"})
     assert PolicyAction.from_args({"action": "promote", "version": "run1-round3"}).version == "run1-round3"
@@ -141,3 +145,17 @@ def json_line(output: str, kind: str) -> dict:
     import json
 
     return next(event for event in map(json.loads, output.splitlines()) if event["type"] == kind)
+
+
+RIG = {"robot": "so101", "cameras": ("front", "wrist"), "fps": 30, "width": 640, "height": 480}
+
+
+@pytest.mark.parametrize(("serving", "wanted", "job_running", "retry_at", "start"), [
+    (None, RIG, False, 0.0, True),  # none yet, or it died
+    (RIG, RIG, False, 0.0, False),  # the running rig simulates the config
+    (RIG, {**RIG, "fps": 15}, False, 0.0, True),  # a reloaded config wants other hardware
+    (None, RIG, True, 0.0, False),  # never under a job (it drives the rig, or its own)
+    (None, RIG, False, 20.0, False),  # a failed start is retried later
+])
+def test_the_agent_restarts_its_sim_rig_only_when_it_must(serving, wanted, job_running, retry_at, start) -> None:
+    assert rig_needs_start(serving, wanted, job_running, retry_at, now=10.0) is start

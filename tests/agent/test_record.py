@@ -104,18 +104,23 @@ class ListStore:
         self.frames.clear()
 
 
-def test_recorder_sends_and_records_what_the_envelope_allows(tmp_path: Path) -> None:
+def _envelope():
     from zk0.hw.config import SafetySettings
     from zk0.hw.safety import JointLimits, SafetyEnvelope, envelope_spec
 
     names = tuple(key.removesuffix(".pos") for key in JOINTS)
     limits = JointLimits(names, np.array([-100.0] * 5 + [0.0]), np.array([100.0] * 5 + [100.0]))
-    envelope = SafetyEnvelope(envelope_spec(limits, SafetySettings(), FPS))
+    return SafetyEnvelope(envelope_spec(limits, SafetySettings(), FPS))
+
+
+ONE_SHORT_EPISODE = RecordPlan(task="t", episodes=1, fps=FPS, episode_time_s=0.2, reset_time_s=0, min_rate_fraction=0.5,
+                               min_free_disk_mb=0, calibration_hash="cafe")
+
+
+def test_recorder_sends_and_records_what_the_envelope_allows(tmp_path: Path) -> None:
     arm, store = FollowingArm(), ListStore(tmp_path)
-    plan = RecordPlan(task="t", episodes=1, fps=FPS, episode_time_s=0.2, reset_time_s=0, min_rate_fraction=0.5,
-                      min_free_disk_mb=0, calibration_hash="cafe")
     leader = ScriptedLeader([30.0, 30.0, math.nan, 30.0, math.inf, 30.0])
-    summary = Recorder(arm, leader, store, envelope, plan, OperatorEvents()).record()
+    summary = Recorder(arm, leader, store, _envelope(), ONE_SHORT_EPISODE, OperatorEvents()).record()
 
     elbow = [frame["action"][JOINTS.index("elbow_flex.pos")] for frame in store.frames]
     # 10 (step bound, no previous target), 6 per tick at 180 deg/s, holds on NaN and inf
@@ -123,6 +128,14 @@ def test_recorder_sends_and_records_what_the_envelope_allows(tmp_path: Path) -> 
     assert [sent["elbow_flex.pos"] for sent in arm.sent] == pytest.approx(elbow)
     assert summary.interventions[0]["non-finite"] == 2 and summary.interventions[0]["step"] == 1
     assert store.committed.interventions == len(elbow)  # every frame's action was changed or held
+
+
+def test_progress_is_reported_from_the_first_recorded_frame(tmp_path: Path) -> None:
+    """zk0ctl status (and the agent's preemption bench) sees teleop running at its first frame, not a second on."""
+    reported: list[tuple[int, int]] = []
+    Recorder(FollowingArm(), ScriptedLeader([]), ListStore(tmp_path), _envelope(), ONE_SHORT_EPISODE, OperatorEvents(),
+             progress=lambda episode, frames: reported.append((episode, frames))).record()
+    assert reported == [(0, 1)]
 
 
 def _record(config: Path, *extra: str, stdin: str = "") -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -11,8 +12,11 @@ from lerobot.cameras.zmq import ZMQCamera
 from lerobot.robots.utils import make_robot_from_config
 from lerobot.teleoperators.utils import make_teleoperator_from_config
 
+from zk0.hw.config import ArmConfig, CameraConfig
+from zk0.hw.robots import connect_without_prompt, make_follower
+from zk0.hw.sim.cameras import subscription_count
 from zk0.hw.sim.feetech import ERRBIT_OVERHEAT
-from zk0.hw.sim.rig import RigError, RigHandle, teleoperate_episode
+from zk0.hw.sim.rig import RigError, RigHandle, rig_serves, teleoperate_episode
 from zk0.hw.sim.tasks import TASKS
 from tests.hw.conftest import connect_retrying
 
@@ -101,6 +105,55 @@ def test_bad_requests_are_refused(rig):
         rig.request("dance")
     with pytest.raises(RigError, match="unknown fault fields"):
         rig.inject_faults("follower", melt=True)
+
+
+def test_attached_clients_share_the_rig_and_leave_it_running(rig, tmp_path):
+    description = tmp_path / "rig.json"
+    description.write_text(json.dumps(rig.info))
+    served = {"robot": "so101", "cameras": ("front", "wrist"), "fps": 30, "width": 160, "height": 120}
+    attached = RigHandle.attach(description, **served)
+    assert attached is not None and attached.process is None
+    assert attached.reset("pick_place_red", seed=3)["task"] == rig.snapshot()["task"]
+    attached.close()
+    assert rig.process.poll() is None and rig.snapshot()  # closing a client of someone else's rig leaves it running
+
+    assert RigHandle.attach(description, **{**served, "width": 320}) is None  # built for another config
+    assert RigHandle.attach(tmp_path / "missing.json", **served) is None
+    description.write_text(json.dumps({**rig.info, "control": "tcp://127.0.0.1:9"}))  # nobody answers there
+    assert RigHandle.attach(description, **served) is None
+
+
+def test_rig_serves_compares_robot_rate_and_cameras():
+    info = {"robot": "so101", "fps": 30, "cameras": [{"name": "front", "width": 640, "height": 480}]}
+    assert rig_serves(info, "so101", ("front",), 30, 640, 480)
+    assert not rig_serves(info, "so100", ("front",), 30, 640, 480)
+    assert not rig_serves(info, "so101", ("front", "wrist"), 30, 640, 480)
+    assert not rig_serves(info, "so101", ("front",), 15, 640, 480)
+
+
+def test_camera_subscribers_are_counted_from_xpub_messages():
+    count = 0
+    for message in (b"\x01", b"\x01", b"\x00", b"\x02junk"):
+        count = subscription_count(count, message)
+    assert count == 1
+    assert subscription_count(0, b"\x00") == 0
+
+
+def test_follower_with_stream_cameras_connects_at_their_first_frame(rig, monkeypatch):
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("lerobot asked for interactive calibration"))
+    cameras = [CameraConfig(name=name, type="zmq", width=c.width, height=c.height, fps=c.fps, host=c.server_address,
+                            port=c.port) for name, c in rig.camera_configs().items()]
+    robot = make_follower(ArmConfig(rig.follower_port, rig.info["follower_id"], rig.calibration_dir), cameras, 3)
+    started = time.monotonic()
+    connect_without_prompt(robot)
+    try:
+        # lerobot's own warmup reads each camera for a whole second; this waits for a frame from each
+        assert time.monotonic() - started < 2.0
+        assert robot.is_connected
+        observation = robot.get_observation()
+        assert observation["front"].shape == observation["wrist"].shape == (120, 160, 3)
+    finally:
+        robot.disconnect()
 
 
 @pytest.mark.slow
