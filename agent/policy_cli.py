@@ -6,6 +6,9 @@
   zk0 policy rollback [--reason R]      swap active and previous
   zk0 policy prune [--keep N] [--max-bytes B]   remove old versions; never active or previous
   zk0 policy export REF DIR             write REF as a standalone lerobot checkpoint
+  zk0 policy export-onnx REF DIR [--quantize none|int8] [--steps K]
+                                        write REF's action-chunk inference as onnxruntime graphs (zk0.learn.onnx_export)
+  zk0 policy parity REF DIR             max abs difference of actions, torch vs the onnxruntime export in DIR
 
 The store is `--store DIR`, else the agent config's `federation.policy_store` (`--config`). A refused request
 (unknown or corrupt version, nothing to roll back to) prints one line, changes nothing and exits 1.
@@ -14,6 +17,7 @@ The store is `--store DIR`, else the agent config's `federation.policy_store` (`
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -55,6 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", parents=[common], help="write a version as a standalone lerobot checkpoint")
     export.add_argument("ref", help="version name, active or previous")
     export.add_argument("dir", type=Path, help="new directory to write")
+    onnx = sub.add_parser("export-onnx", parents=[common],
+                          help="export a version or checkpoint's inference to ONNX graphs for onnxruntime")
+    onnx.add_argument("ref", help="version name, active, previous or a checkpoint directory")
+    onnx.add_argument("dir", type=Path, help="new directory to write")
+    onnx.add_argument("--quantize", choices=("none", "int8"), default="none",
+                      help="int8: onnxruntime dynamic quantization of the weights (default none: fp32)")
+    onnx.add_argument("--steps", type=int, help="flow-matching Euler steps (default: the policy's num_steps)")
+    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parity = sub.add_parser("parity", parents=[common],
+                            help="compare a version or checkpoint with its ONNX export on the same inputs and noise")
+    parity.add_argument("ref", help="version name, active, previous or a checkpoint directory")
+    parity.add_argument("dir", type=Path, help="the export (zk0 policy export-onnx)")
+    parity.add_argument("--trials", type=int, default=3, help="observations compared (default 3)")
 
 
 def store_root(args: argparse.Namespace) -> Path:
@@ -75,11 +92,13 @@ def run(args: argparse.Namespace) -> int:
     from zk0.common.typed_yaml import ConfigError
 
     try:
+        if args.action in CHECKPOINT_ACTIONS:  # a checkpoint directory needs no store
+            return CHECKPOINT_ACTIONS[args.action](None if Path(args.ref).is_dir() else store_root(args), args)
         root = store_root(args)
         if not root.is_dir():
             raise PolicyStoreError(f"no policy store at {root}")
         return ACTIONS[args.action](PolicyStore(root), args)
-    except (PolicyStoreError, ConfigError, OSError) as exc:
+    except (PolicyStoreError, ConfigError, OSError, ValueError) as exc:
         print(f"zk0 policy: {exc}", file=sys.stderr)
         return 1
 
@@ -166,5 +185,32 @@ def _export(store, args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(root: Path | None, args: argparse.Namespace) -> int:
+    from zk0.agent.policy_store import resolve_policy
+    from zk0.learn.checkpoint import load_checkpoint
+    from zk0.learn.onnx_export import ExportOptions, export_policy
+
+    if args.dir.exists():
+        raise FileExistsError(f"{args.dir} exists: export-onnx writes a new directory")
+    options = ExportOptions(steps=args.steps, quantize=args.quantize, opset=args.opset)
+    checkpoint = resolve_policy(args.ref, root)
+    bundle, meta = load_checkpoint(checkpoint)
+    manifest = export_policy(bundle, checkpoint, meta.sha256, args.dir, options)
+    print(f"exported {args.ref} (sha {meta.sha256[:12]}) to {args.dir}: {manifest.quantize}, {manifest.steps} steps, "
+          f"opset {manifest.opset}, cameras {', '.join(manifest.cameras)}")
+    return 0
+
+
+def _parity(root: Path | None, args: argparse.Namespace) -> int:
+    """Prints the comparison as JSON; exit 1 when an fp32 export exceeds its manifest's tolerance."""
+    from zk0.agent.policy_store import resolve_policy
+    from zk0.learn.onnx_parity import parity
+
+    result = parity(resolve_policy(args.ref, root), args.dir, trials=args.trials)
+    print(json.dumps(result.to_dict()))
+    return 1 if result.passed is False else 0
+
+
 ACTIONS = {"list": _list, "show": _show, "promote": _promote, "rollback": _rollback, "prune": _prune,
            "export": _export}
+CHECKPOINT_ACTIONS = {"export-onnx": _export_onnx, "parity": _parity}

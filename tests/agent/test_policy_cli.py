@@ -118,3 +118,24 @@ def test_the_store_comes_from_the_agent_config(store: PolicyStore, capsys, tmp_p
     assert code == 1 and err == f"zk0 policy: {config} has no federation section: give --store DIR\n"
     code, _, err = zk0(capsys, "list", "--config", str(tmp_path / "missing.yaml"))
     assert code == 1 and "config file not found" in err and err.count("\n") == 1
+
+
+def test_export_onnx_and_parity(store: PolicyStore, capsys, tmp_path: Path) -> None:
+    """An int8 export of a store version through the CLI, its parity (no max-abs tolerance for int8: exit 0),
+    and the refusals: an existing directory, an export compared with other weights."""
+    import json
+
+    from zk0.learn.onnx_export import read_manifest
+
+    out = tmp_path / "onnx"
+    code, stdout, _ = zk0(capsys, "export-onnx", "run1-round2", str(out), "--quantize", "int8", "--steps", "3",
+                          "--store", str(store.root))
+    assert code == 0 and stdout.splitlines()[-1].startswith("exported run1-round2 (sha ") and "int8, 3 steps" in stdout
+    manifest = read_manifest(out)
+    assert (manifest.quantize, manifest.steps, manifest.tolerance) == ("int8", 3, None)
+    assert manifest.source_sha256 == json.loads((store.checkpoint("run1-round2") / "zk0.json").read_text())["sha256"]
+    code, stdout, _ = zk0(capsys, "parity", "run1-round2", str(out), "--trials", "1", "--store", str(store.root))
+    result = json.loads(stdout.splitlines()[-1])
+    assert code == 0 and result["quantize"] == "int8" and result["passed"] is None and result["steps"] == 3
+    assert "exists: export-onnx writes a new directory" in _refused(capsys, store, "export-onnx", "active", str(out))
+    assert "was exported from weights" in _refused(capsys, store, "parity", "run1-round1", str(out))
