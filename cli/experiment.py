@@ -141,6 +141,9 @@ def experiment(config, base_name: str, runtime: str, out: Path, say: Progress, q
         entries[plan.name] = federate(plan.kind, base, datasets, config, runtime, out / "arms" / plan.name, say)
         say(f"{plan.name}: {entries[plan.name]['steps']} steps in {entries[plan.name]['wall_s']:.0f} s")
     entries = {p.name: entries[p.name] for p in plans}
+    # what training cost, kept before the long judging starts (results.json replaces it at the end)
+    (out / "training.json").write_text(json.dumps({"config": asdict(config), "hosts": hosts, "arms": entries},
+                                                  indent=2, default=str))
 
     say(f"judging {len(entries)} policies on {config.eval_episodes} episodes of each of {len(config.tasks)} tasks")
     judged = judge({name: Path(e["checkpoint"]) for name, e in entries.items()}, config.tasks, config.eval_episodes,

@@ -50,7 +50,7 @@ def recorded(root: Path) -> int:
     return len(record.episodes) if record else 0
 
 
-ATTEMPTS = 3  # a simulated bus on a loaded machine can miss its connect handshake (zk0.hw.robots retries 3x too)
+ATTEMPTS = 5  # a simulated bus on a loaded machine can miss its connect handshake (zk0.hw.robots retries 3x too)
 
 
 def record_session(host: HostPlan, task: str, episodes: int, first_seed: int, config: ExperimentConfig,

@@ -84,7 +84,7 @@ def test_every_arm_is_judged_on_every_task():
 
 
 @pytest.mark.parametrize("rounds, points, expected", [
-    (20, 3, [5, 10, 15]), (3, 1, [2]), (1, 3, []), (4, 0, []), (4, 5, [1, 2, 3]),
+    (20, 3, [5, 10, 15]), (10, 3, [2, 5, 8]), (3, 1, [2]), (1, 3, []), (4, 0, []), (4, 5, [1, 2, 3]),
 ])
 def test_progress_rounds(rounds, points, expected):
     assert plan.progress_rounds(rounds, points) == expected
