@@ -101,7 +101,7 @@ def trial(run: Path, trainer, index: int) -> dict[str, float]:
 
 
 def _first_frame(run: Path, into: dict[str, float]) -> None:
-    into["at"] = wait(lambda: _frames(run) > 0, 300, "first recorded frame", poll_s=0.02)
+    into["at"] = wait(lambda: _frames(run) > 0, 120, "first recorded frame", poll_s=0.02)
 
 
 def wait_for_lease(run: Path):
@@ -122,6 +122,15 @@ def _frames(run: Path) -> int:
         return int(ask(run, "status", socket="job.sock").get("frames") or 0)
     except (TimeoutError, ValueError):
         return 0
+
+
+def print_job_log(run: Path, state: Path, lines: int = 40) -> None:
+    """Why a trial failed: the agent's state and the end of its newest job log, on stderr."""
+    status = ask(run, "status")
+    print(f"agent: {status['state']} ({status['reason']})", file=sys.stderr)
+    logs = sorted((state / "logs").glob("record-*.log"), key=lambda path: path.stat().st_mtime)
+    if logs:
+        print(f"{logs[-1]}:\n" + "".join(logs[-1].read_text().splitlines(True)[-lines:]), file=sys.stderr)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -158,7 +167,11 @@ def main() -> int:
                  "the agent's warm job process and simulated rig", poll_s=0.5)
             trials = []
             for index in range(args.trials):
-                trials.append(trial(run, trainer, index))
+                try:
+                    trials.append(trial(run, trainer, index))
+                except TimeoutError:
+                    print_job_log(run, state)
+                    raise
                 print(f"trial {index + 1}/{args.trials}: " + ", ".join(f"{k} {v:.3f}" for k, v in trials[-1].items()),
                       file=sys.stderr, flush=True)
         finally:
