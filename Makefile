@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	@touch $@
 
+# `make demo`: 3 simulated hosts record, federate, validate and roll out (~10 min on 2 cores); results in outputs/demo.
+# More: make demo DEMO_ARGS="--full" (the full-size path), DEMO_ARGS="--arm" (one tele-operated arm, a PNG).
+DEMO_ARGS ?=
 demo: setup
-	$(VENV)/bin/zk0 demo
+	$(VENV)/bin/zk0 demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q

@@ -1,75 +1,49 @@
-"""`zk0 demo`: a simulated rig tele-operated through lerobot, saved as one labelled PNG of its cameras.
-
-Starts `zk0 sim rig` (follower + leader + cameras), connects lerobot's own SO-101 follower (with ZMQ
-cameras) and leader to it, lets the scripted operator do one pick-and-place episode, and writes the camera
-views side by side, labelled with the task and the success verdict, to outputs/.
-"""
+"""`zk0 demo`: the whole loop on simulated hardware (cli/demo_fleet.py): a server and N `zk0 agent --sim` hosts
+record, federate, validate, promote and roll out, with a summary at the end. `zk0 demo --arm`: one simulated
+arm tele-operated through lerobot for one episode, saved as a labelled PNG (cli/demo_arm.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
-import numpy as np
-
-LABEL_HEIGHT = 28
+from zk0.cli import demo_arm
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="pick_place_red")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--robot", choices=("so100", "so101"), default="so101")
-    parser.add_argument("--timeout", type=float, default=30.0, help="longest the episode may run, seconds")
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
-
-
-def compose(frames: dict[str, np.ndarray], caption: list[str]) -> np.ndarray:
-    """Camera frames (RGB) side by side, each titled, caption lines underneath; returns BGR for imwrite."""
-    import cv2
-
-    height = max(frame.shape[0] for frame in frames.values())
-    panels = []
-    for name, frame in frames.items():
-        panel = np.full((height + LABEL_HEIGHT, frame.shape[1], 3), 255, np.uint8)
-        panel[LABEL_HEIGHT : LABEL_HEIGHT + frame.shape[0]] = frame
-        cv2.putText(panel, name, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-        panels.append(panel)
-    image = np.hstack(panels)
-    strip = np.full((LABEL_HEIGHT * len(caption), image.shape[1], 3), 255, np.uint8)
-    for row, line in enumerate(caption):
-        cv2.putText(strip, line, (6, 20 + row * LABEL_HEIGHT), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    return cv2.cvtColor(np.vstack([image, strip]), cv2.COLOR_RGB2BGR)
+    parser.add_argument("--hosts", type=int, help="simulated robot hosts (default 3)")
+    parser.add_argument("--rounds", type=int, help="federated rounds (default 3)")
+    parser.add_argument("--episodes", type=int, help="episodes each host records (default 4)")
+    parser.add_argument("--validation-episodes", type=int, help="paired validation episodes per host (default 4)")
+    parser.add_argument("--local-steps", type=int, help="training steps per host and round (default 20)")
+    parser.add_argument("--model", help="auto (the sim base once built, else tiny), tiny, sim-base (built on first "
+                                        "use: long) or a checkpoint directory (default auto)")
+    parser.add_argument("--full", action="store_true",
+                        help="the full-size path: sim base, 20 episodes, 10 rounds of 200 steps, 20 validation "
+                             "episodes per host (an hour or more on 2 cores); other options still override")
+    parser.add_argument("--out", type=Path, default=Path("outputs/demo"),
+                        help="summary.json, plots/, server/ (the server's run dir), hosts/ (default %(default)s)")
+    arm = parser.add_argument_group("the single-arm demo (--arm)")
+    arm.add_argument("--arm", action="store_true", help="one tele-operated episode on one simulated arm, as a PNG")
+    demo_arm.add_arguments(arm)
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import cv2
-    from lerobot.robots.utils import make_robot_from_config
-    from lerobot.teleoperators.utils import make_teleoperator_from_config
+    # Every process the demo starts inherits this: on a small machine N hosts and a server each running torch with
+    # one thread per core oversubscribe it (a tiny-policy tick: ~30 ms with one thread, ~680 ms with two, loaded).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.arm:
+        return demo_arm.run(args)
+    from zk0.cli.demo_fleet import DemoRun
+    from zk0.cli.demo_plan import settings_from
 
-    from zk0.hw.sim.rig import RigHandle, teleoperate_episode
-
-    started = time.monotonic()
-    with RigHandle.start(robot=args.robot, calibration_dir=args.output_dir / "sim_calibration") as rig:
-        robot = make_robot_from_config(rig.follower_config())
-        leader = make_teleoperator_from_config(rig.leader_config())
-        robot.connect()
-        leader.connect()
-        try:
-            result = teleoperate_episode(rig, robot, leader, args.task, args.seed, timeout_s=args.timeout)
-            instruction = rig.snapshot()["instruction"]
-        finally:
-            robot.disconnect()
-            leader.disconnect()
-    frames = {camera["name"]: result.observation[camera["name"]] for camera in rig.info["cameras"]}
-    verdict = "SUCCESS" if result.success else "not done"
-    headline = f"{instruction} (seed {args.seed})"
-    outcome = f"{verdict} after {result.duration_s:.1f} s, {result.steps} steps"
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"demo_{args.task}_seed{args.seed}.png"
-    cv2.imwrite(str(path), compose(frames, [headline, outcome]))
-    print(f"{headline}: {outcome}\nsaved {path.resolve()} ({time.monotonic() - started:.1f} s in all)")
-    return 0 if result.success else 1
+    try:
+        settings = settings_from({"hosts": args.hosts, "rounds": args.rounds, "episodes": args.episodes,
+                                  "validation_episodes": args.validation_episodes, "local_steps": args.local_steps,
+                                  "model": args.model}, full=args.full)
+    except ValueError as error:
+        print(f"zk0 demo: {error}")
+        return 2
+    return DemoRun(settings, args.out).run()
