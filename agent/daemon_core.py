@@ -86,6 +86,11 @@ class AgentPaths:
         return self.runtime_dir / "agent.yaml"
 
     @property
+    def sim_rig(self) -> Path:
+        """With --sim: the description of the simulated rig the agent keeps running for its jobs."""
+        return self.runtime_dir / "sim-rig.json"
+
+    @property
     def logs(self) -> Path:
         return self.state_dir / "logs"
 
@@ -206,7 +211,8 @@ class AgentCore:
 
     def _job_paths(self) -> JobPaths:
         return JobPaths(config=self.paths.effective_config, datasets_root=self.config.datasets_root,
-                        policy_store=self.policy_store, control=self.paths.job_control, sim=self.sim)
+                        policy_store=self.policy_store, control=self.paths.job_control, sim=self.sim,
+                        sim_rig=self.paths.sim_rig if self.sim else None)
 
     def _start(self, kind: str, request: Any, argv: list[str]) -> dict[str, Any]:
         event = {"record": Event.RECORD, "rollout": Event.ROLLOUT, "validate": Event.VALIDATE}[kind]
