@@ -151,11 +151,6 @@ def session_seed(host: HostPlan, task: str, episodes: int) -> int:
     return host.first_seed + sum(shares[t] for t in host.tasks[:host.tasks.index(task)])
 
 
-def eval_seeds(episodes: int) -> list[int]:
-    """The validation seeds each task is judged on, the same for every arm (paired): `zk0 validate`'s."""
-    return [VALIDATION_SEED_BASE + i for i in range(episodes)]
-
-
 def arms(config: ExperimentConfig) -> list[ArmPlan]:
     """Every arm, judged on every task: the hosts' tasks (local-only arms: their own and the others') and the
     unseen ones (retention)."""
@@ -179,16 +174,6 @@ def fedavg_scheduler(lr: float) -> dict[str, float]:
     from lr down to eta_min = lr, no plateau boost, no spike damping)."""
     return {"base_lr": lr, "max_lr": lr, "eta_min": lr, "plateau_boost": 1.0, "spike_damping": 1.0,
             "base_mu": 0.0, "mu_min": 0.0, "unstable_client_mu": 0.0}
-
-
-def host_of_task(hosts: Sequence[HostPlan]) -> dict[str, list[str]]:
-    """Task -> the hosts that record it (for the table's 'own / others' tasks' columns)."""
-    owners: dict[str, list[str]] = {}
-    for host in hosts:
-        for task in host.tasks:
-            owners.setdefault(task, []).append(host.name)
-    return owners
-
 
 
 def server_settings(kind: str, config: ExperimentConfig, model: str, eval_datasets: Sequence[str],

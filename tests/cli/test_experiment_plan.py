@@ -54,7 +54,6 @@ def test_recording_seeds_are_disjoint_and_below_validation():
     ranges = [plan.seed_range(h, config.episodes_per_host) for h in config.hosts]
     assert ranges == [(500_000, 500_024), (510_000, 510_024), (520_000, 520_024)]
     assert all(end <= plan.VALIDATION_SEED_BASE for _, end in ranges)
-    assert plan.eval_seeds(3) == [1_000_000, 1_000_001, 1_000_002]
 
 
 @pytest.mark.parametrize("change, message", [
