@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 AGENT_TEMPLATE = REPO / "configs" / "agent.yaml"
 START_TIMEOUT_S = 600.0  # an agent up, its learning worker and SuperNode started (imports on a loaded machine)
 JOB_TIMEOUT_S = 1800.0
+RUN_ENTRIES = ("fleet", "server", "hosts", "plots", "summary.json", "server.yaml")  # what a run writes in its DIR
 
 
 class DemoRun:
@@ -87,6 +89,7 @@ class DemoRun:
         from zk0.common.flower_process import LaunchError
 
         self.out.mkdir(parents=True, exist_ok=True)
+        self.clear_previous_run()
         model = resolve_model(self.settings.model, self.out)
         self.say(f"zk0 demo: {len(self.hosts)} hosts x {self.settings.episodes} episodes, {self.settings.rounds} "
                  f"rounds, model {model}; everything under {self.out}")
@@ -120,6 +123,18 @@ class DemoRun:
             self.say(f"zk0 demo: {error}")
             return 1
         return 0
+
+    def clear_previous_run(self) -> None:
+        """A demo run starts fresh: a previous run's server directory would be resumed (and be done already), its
+        SuperLink database already knows the node keys, and its hosts' stores already hold a base."""
+        previous = [self.out / name for name in RUN_ENTRIES if (self.out / name).exists()]
+        if previous:
+            self.say(f"removing the previous demo run in {self.out}: {', '.join(p.name for p in previous)}")
+        for path in previous:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     @property
     def server_dir(self) -> Path:
