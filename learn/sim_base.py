@@ -1,0 +1,393 @@
+"""`zk0 model sim-base`: the simulated world's counterpart of lerobot/smolvla_base.
+
+Real hosts start from a SmolVLA whose VLM (vision tower included) and action expert were pretrained on a broad
+dataset, and fine-tune only the action expert. The simulated world gets the same shape: a SmolVLA with a small
+SmolVLM stand-in (`SimBaseShape`), every part of it (vision tower, connector, text layers, action expert)
+trained centrally on scripted demonstrations of every simulated task (`SimBaseRecipe`), then saved with the
+VLM frozen (`freeze_vision_encoder`, `train_expert_only`), so `zk0 train --model BASE`, the federation and
+`zk0 validate` treat it exactly as they treat smolvla_base. Besides the flow-matching loss, the vision tower
+learns from a scene probe (`SimBaseRecipe.scene_loss_weight`): a linear map, discarded afterwards, from each
+camera's image tokens to where the cubes and the bin are, the sim's stand-in for SmolVLM's own pretraining.
+
+Demonstrations are recorded in lock-step (zk0.hw.sim.lockstep: the loop `zk0 validate --sim` judges in, safety
+envelope included), with the cameras rendered at the size hosts record (`SimBaseShape.cameras`) and kept at
+that size: SmolVLA pads them to its square input itself, as it does for recorded frames. Scene seeds start
+at `SIM_BASE_SEED_BASE`, disjoint from recording (`zk0 record` keeps to [0, 1_000_000)), validation
+(1_000_000 + i) and the discrimination bench (2_000_000 + i).
+
+Pure decisions (shape, recipe, seeds, config overrides) are separate from the I/O (`record_demos`,
+`build_sim_base`). `--seed` fixes the initial weights and the training order; the scenes are the preset's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from zk0.learn.tiny_vlm import VLMShape
+
+SIM_BASE_SEED_BASE = 3_000_000
+TASK_SEED_STRIDE = 100_000  # scene seeds of task k: SIM_BASE_SEED_BASE + k * stride + i
+FPS = 30
+ROBOT = "so101"
+STATE = "observation.state"
+ACTION = "action"
+IMAGE_PREFIX = "observation.images."
+
+
+@dataclass(frozen=True)
+class SimBaseShape:
+    """The policy: its SmolVLM stand-in, action chunking and the cameras (name, width, height) it sees."""
+
+    vlm: VLMShape = VLMShape(image_size=128, patch_size=16, scale_factor=2, vision_hidden=64,
+                             vision_intermediate=128, vision_layers=2, vision_heads=2, text_hidden=64,
+                             text_intermediate=128, text_layers=2, text_heads=4, text_kv_heads=2, head_dim=16)
+    chunk_size: int = 50  # = the federation's chunk for models given by path (zk0.learn.federation.policy_spec)
+    n_action_steps: int = 50
+    cameras: tuple[tuple[str, int, int], ...] = (("front", 128, 96), ("wrist", 128, 96))
+
+    def camera_sizes(self) -> dict[str, tuple[int, int]]:
+        return {name: (width, height) for name, width, height in self.cameras}
+
+
+@dataclass(frozen=True)
+class SimBaseRecipe:
+    """How the base is trained: which demonstrations, how many steps, at what learning rate."""
+
+    shape: SimBaseShape = SimBaseShape()
+    tasks: tuple[str, ...] = ()  # () = every simulated task
+    demos_per_task: int = 30
+    steps: int = 6000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    decay_lr: float = 2.5e-5
+    finetune_lr: float = 3e-4  # the peak LR the saved config gives hosts that fine-tune with SmolVLA's schedule
+    # Weight of the vision tower's auxiliary loss: from each camera's image tokens, a linear probe (discarded
+    # after pretraining) regresses where the cubes and the bin are. Localising objects is what hosts need from a
+    # frozen VLM, and the flow-matching loss alone teaches it slowly. 0 = flow matching only.
+    scene_loss_weight: float = 1.0
+    max_episode_s: float = 20.0
+    seed_base: int = SIM_BASE_SEED_BASE
+
+
+PRESETS: dict[str, SimBaseRecipe] = {"sim-base": SimBaseRecipe()}
+
+
+def task_names(recipe: SimBaseRecipe) -> list[str]:
+    from zk0.hw.sim.tasks import TASKS
+
+    return list(recipe.tasks or TASKS)
+
+
+def demo_plan(recipe: SimBaseRecipe) -> list[tuple[str, int]]:
+    """(task, scene seed) of every pretraining demonstration; task k uses seeds from seed_base + k * stride."""
+    from zk0.hw.sim.tasks import TASKS
+
+    if recipe.demos_per_task > TASK_SEED_STRIDE:
+        raise ValueError(f"at most {TASK_SEED_STRIDE} demonstrations per task")
+    index = {name: k for k, name in enumerate(TASKS)}
+    return [(task, recipe.seed_base + index[task] * TASK_SEED_STRIDE + i)
+            for task in task_names(recipe) for i in range(recipe.demos_per_task)]
+
+
+def pretrain_overrides(recipe: SimBaseRecipe) -> dict[str, Any]:
+    """SmolVLA config while pretraining: every part trains, with the recipe's LR schedule."""
+    return {"freeze_vision_encoder": False, "train_expert_only": False, "optimizer_lr": recipe.lr,
+            "scheduler_warmup_steps": recipe.warmup_steps, "scheduler_decay_steps": recipe.steps,
+            "scheduler_decay_lr": recipe.decay_lr}
+
+
+def release_overrides(recipe: SimBaseRecipe) -> dict[str, Any]:
+    """SmolVLA config of the saved base: the VLM frozen as in smolvla_base, and a fine-tuning LR schedule."""
+    return {"freeze_vision_encoder": True, "train_expert_only": True, "optimizer_lr": recipe.finetune_lr,
+            "scheduler_warmup_steps": 100, "scheduler_decay_lr": recipe.finetune_lr / 40}
+
+
+@dataclass
+class Demo:
+    """One demonstration: per tick the present joints, the commanded target and each camera's image."""
+
+    task: str  # the instruction, as recorded datasets store it
+    seed: int
+    state: np.ndarray  # (T, 6) float32
+    action: np.ndarray  # (T, 6) float32
+    images: dict[str, np.ndarray]  # camera -> (T, 3, H, W) uint8
+    success: bool
+    scene: np.ndarray | None = None  # (T, SCENE_DIMS) float32: `scene_vector` per tick (privileged, sim only)
+
+
+SCENE_COLORS = ("red", "green", "blue")
+SCENE_DIMS = 3 * len(SCENE_COLORS) + 2
+# Rough centre and spread of the table's objects (metres), so the probe's targets are O(1).
+_SCENE_CENTRE = np.array([0.2, 0.0, 0.03] * len(SCENE_COLORS) + [0.18, 0.0])
+_SCENE_SCALE = np.array([0.05, 0.1, 0.03] * len(SCENE_COLORS) + [0.05, 0.15])
+
+
+def scene_vector(world: Any) -> np.ndarray:
+    """Where the cubes (x, y, z each) and the bin (x, y) are, scaled to O(1): the vision probe's target."""
+    cubes = world.scene.cubes
+    raw = np.concatenate([cubes[c].position if c in cubes else _SCENE_CENTRE[3 * k:3 * k + 3]
+                          for k, c in enumerate(SCENE_COLORS)] + [np.asarray(world.scene.bin.center)])
+    return ((raw - _SCENE_CENTRE) / _SCENE_SCALE).astype(np.float32)
+
+
+class _Recorder:
+    """A lock-step controller that keeps what it saw and what it commanded, and where things were."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+        self.states: list[np.ndarray] = []
+        self.actions: list[np.ndarray] = []
+        self.scene: list[np.ndarray] = []
+        self.images: dict[str, list[np.ndarray]] = {}
+
+    def reset(self, task: Any, seed: int) -> None:
+        self.states, self.actions, self.scene, self.images = [], [], [], {}
+        self.controller.reset(task, seed)
+
+    def act(self, observation: Any) -> np.ndarray:
+        action = np.asarray(self.controller.act(observation), dtype=np.float64)
+        self.scene.append(scene_vector(self.controller.sim.world))
+        self.states.append(observation.joints.astype(np.float32))
+        self.actions.append(action.astype(np.float32))
+        for name, image in observation.images.items():
+            self.images.setdefault(name, []).append(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return action
+
+
+def record_demos(plan: Sequence[tuple[str, int]], cameras: dict[str, tuple[int, int]],
+                 max_episode_s: float = 20.0) -> list[Demo]:
+    """The scripted operator performing each (task, seed) of `plan` in lock-step, until success or the limit
+    (a recorded episode runs on for its full length; the ticks after success teach little)."""
+    from zk0.agent.lockstep import run_episode
+    from zk0.hw.config import SafetySettings
+    from zk0.hw.safety import SafetyEnvelope, envelope_spec
+    from zk0.hw.sim.lockstep import LockstepSim, OperatorController, follower_limits
+    from zk0.hw.sim.tasks import get_task
+
+    spec = envelope_spec(follower_limits(), SafetySettings(), FPS, ROBOT)
+    sim = LockstepSim(cameras, FPS, ROBOT)
+    recorder = _Recorder(OperatorController(sim))
+    demos = []
+    for task, seed in plan:
+        outcome = run_episode(sim, recorder, SafetyEnvelope(spec), task, seed, int(round(max_episode_s * FPS)))
+        demos.append(Demo(get_task(task).instruction, seed, np.stack(recorder.states), np.stack(recorder.actions),
+                          {name: np.stack(frames) for name, frames in recorder.images.items()}, outcome.success,
+                          np.stack(recorder.scene)))
+    return demos
+
+
+class DemoData:
+    """Demonstrations served as the batches zk0.learn.data.EpisodeData serves (same keys, chunking, padding)."""
+
+    def __init__(self, demos: Sequence[Demo], chunk_size: int):
+        self.demos = [d for d in demos if d.success]  # recorded datasets keep failures too; a base need not
+        if not self.demos:
+            raise ValueError("no successful demonstrations")
+        self.chunk_size = chunk_size
+
+    def frame_index(self) -> list[tuple[int, int]]:
+        return [(k, i) for k, demo in enumerate(self.demos) for i in range(len(demo.state))]
+
+    def batch(self, samples: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        import torch
+
+        offsets = np.arange(self.chunk_size)
+        rows = []
+        for k, i in samples:
+            demo = self.demos[k]
+            idx = i + offsets
+            rows.append((demo, i, np.minimum(idx, len(demo.state) - 1), idx >= len(demo.state)))
+        batch: dict[str, Any] = {
+            STATE: torch.from_numpy(np.stack([d.state[i] for d, i, _, _ in rows])),
+            ACTION: torch.from_numpy(np.stack([d.action[chunk] for d, _, chunk, _ in rows])),
+            "action_is_pad": torch.from_numpy(np.stack([pad for *_, pad in rows])),
+            "task": [d.task for d, *_ in rows],
+        }
+        for camera in self.demos[0].images:
+            frames = np.stack([d.images[camera][i] for d, i, _, _ in rows])
+            batch[IMAGE_PREFIX + camera] = torch.from_numpy(frames).float().div_(255.0)
+        return batch
+
+    def scene_targets(self, samples: Sequence[tuple[int, int]]) -> Any:
+        """(B, SCENE_DIMS) tensor: the scene vector of each sample's tick."""
+        import torch
+
+        return torch.from_numpy(np.stack([self.demos[k].scene[i] for k, i in samples]))
+
+
+def demo_meta(demos: Sequence[Demo], cameras: dict[str, tuple[int, int]]) -> tuple[SimpleNamespace, Any]:
+    """(dataset metadata a policy is built from, zk0 sufficient statistics) of these demonstrations."""
+    from zk0.hw.sim.calibration import MOTOR_NAMES
+    from zk0.learn import stats as fedstats
+
+    names = [f"{name}.pos" for name in MOTOR_NAMES]
+    features: dict[str, Any] = {key: {"dtype": "float32", "shape": (len(names),), "names": names}
+                                for key in (STATE, ACTION)}
+    for camera, (width, height) in cameras.items():
+        features[IMAGE_PREFIX + camera] = {"dtype": "video", "shape": (height, width, 3),
+                                           "names": ["height", "width", "channels"]}
+    stats = fedstats.from_arrays({STATE: np.concatenate([d.state for d in demos]),
+                                  ACTION: np.concatenate([d.action for d in demos])})
+    return SimpleNamespace(features=features, stats=fedstats.to_lerobot_stats(stats)), stats
+
+
+def _quiet():
+    """lerobot prints while building a policy; stdout may be a JSON report."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def new_policy(shape: SimBaseShape, meta: SimpleNamespace, seed: int, overrides: dict[str, Any]) -> Any:
+    """A freshly initialised SmolVLA of `shape` (weights fixed by `seed`) for the demonstrations' features."""
+    import tempfile
+
+    from zk0.learn.policy import PolicySpec, seeded_policy_bundle, stable_vlm_dir
+    from zk0.learn.tiny_vlm import write_tiny_vlm
+
+    with tempfile.TemporaryDirectory(prefix="zk0-sim-base-vlm-") as scratch, _quiet():
+        vlm = stable_vlm_dir(write_tiny_vlm(scratch, shape.vlm))
+        spec = PolicySpec(model=str(vlm), chunk_size=shape.chunk_size, n_action_steps=shape.n_action_steps,
+                          overrides=overrides)
+        return seeded_policy_bundle(spec, meta, seed)
+
+
+def freeze_vlm(bundle: Any, overrides: dict[str, Any]) -> None:
+    """Apply the release config: the VLM stops training, as in smolvla_base (only the expert trains on)."""
+    for key, value in overrides.items():
+        setattr(bundle.policy.config, key, value)
+    model = bundle.policy.model.vlm_with_expert
+    model.freeze_vision_encoder = bundle.policy.config.freeze_vision_encoder
+    model.train_expert_only = bundle.policy.config.train_expert_only
+    model.set_requires_grad()
+
+
+@dataclass
+class BuildReport:
+    """What a build did, for the command's output and the bench."""
+
+    demos: int
+    successful_demos: int
+    frames: int
+    record_s: float
+    train_s: float
+    losses: list[float] = field(default_factory=list)
+    scene_losses: list[float] = field(default_factory=list)
+    parameters: int = 0
+    trainable_after: int = 0
+    sha256: str = ""
+
+
+def _pretrain(bundle: Any, data: DemoData, recipe: SimBaseRecipe, seed: int,
+              progress: Callable[[], bool]) -> tuple[list[float], list[float]]:
+    """(flow-matching losses, scene-probe losses) per step of training every part of the policy.
+
+    The step is lerobot's SmolVLA step as zk0.learn.trainer runs it (its AdamW and LR presets, gradient
+    clipping), plus the scene probe's loss when `recipe.scene_loss_weight` is set; the probe reads the image
+    tokens the VLM's connector hands the text layers, one linear map per camera.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from zk0.learn.trainer import SampleStream
+
+    policy, config = bundle.policy, bundle.policy.config
+    tokens, width = recipe.shape.vlm.image_seq_len, recipe.shape.vlm.text_hidden
+    probe = torch.nn.ModuleList(torch.nn.Linear(tokens * width, SCENE_DIMS) for _ in config.image_features)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(probe.parameters())
+    optimizer = config.get_optimizer_preset().build(params)
+    scheduler = config.get_scheduler_preset().build(optimizer, recipe.steps)
+    captured: list[Any] = []
+    hook = policy.model.vlm_with_expert.get_vlm_model().connector.register_forward_hook(
+        lambda _module, _inputs, output: captured.append(output))
+    stream = SampleStream(data.frame_index(), seed)
+    losses, scene_losses = [], []
+    policy.train()
+    try:
+        for _ in range(recipe.steps):
+            if progress():
+                break
+            samples = stream.take(recipe.batch_size)
+            captured.clear()
+            loss, _ = policy.forward(bundle.preprocessor(data.batch(samples)))
+            target = data.scene_targets(samples)
+            scene = sum(F.mse_loss(head(t.flatten(1)), target) for head, t in zip(probe, captured, strict=True))
+            scene = scene / len(captured)
+            (loss + recipe.scene_loss_weight * scene).backward()
+            torch.nn.utils.clip_grad_norm_(params, config.optimizer_grad_clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            scene_losses.append(float(scene.detach()))
+    finally:
+        hook.remove()
+    return losses, scene_losses
+
+
+def train_base(recipe: SimBaseRecipe, demos: Sequence[Demo], seed: int,
+               progress: Callable[[], bool] | None = None) -> tuple[Any, Any, list[float], list[float], float]:
+    """(bundle with the VLM frozen again, statistics, flow-matching and scene-probe losses per step, seconds)
+    of pretraining on `demos`; `seed` fixes the initial weights, the sample order and the noise."""
+    import torch
+
+    meta, stats = demo_meta(demos, recipe.shape.camera_sizes())
+    bundle = new_policy(recipe.shape, meta, seed, pretrain_overrides(recipe))
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        losses, scene_losses = _pretrain(bundle, DemoData(demos, recipe.shape.chunk_size), recipe, seed,
+                                         progress or (lambda: False))
+    freeze_vlm(bundle, release_overrides(recipe))
+    bundle.policy.eval()
+    return bundle, stats, losses, scene_losses, time.perf_counter() - started
+
+
+def build_sim_base(out: str | Path, recipe: SimBaseRecipe, seed: int = 0,
+                   progress: Callable[[], bool] | None = None, log: Callable[[str], None] = lambda _: None,
+                   demos: Sequence[Demo] | None = None) -> BuildReport:
+    """Record the recipe's demonstrations (unless given: those of `demo_plan(recipe)`, recorded earlier),
+    pretrain on them and save the base checkpoint at `out`."""
+    from zk0.learn.checkpoint import CheckpointMeta, save_checkpoint
+
+    started = time.perf_counter()
+    if demos is None:
+        plan = demo_plan(recipe)
+        log(f"recording {len(plan)} scripted demonstrations ({len(task_names(recipe))} tasks)")
+        demos = record_demos(plan, recipe.shape.camera_sizes(), recipe.max_episode_s)
+    record_s = time.perf_counter() - started
+    good = [d for d in demos if d.success]
+    log(f"{len(good)}/{len(demos)} successful, {sum(len(d.state) for d in good)} frames, {record_s:.0f} s; "
+        f"pretraining {recipe.steps} steps")
+    bundle, stats, losses, scene_losses, train_s = train_base(recipe, good, seed, progress)
+    meta = save_checkpoint(out, bundle, CheckpointMeta(run="sim-base", round=0, extra={
+        "preset": describe(recipe), "seed": seed}), stats=stats)
+    return BuildReport(demos=len(demos), successful_demos=len(good), frames=sum(len(d.state) for d in good),
+                       record_s=record_s, train_s=train_s, losses=losses, scene_losses=scene_losses,
+                       parameters=sum(p.numel() for p in bundle.policy.parameters()),
+                       trainable_after=sum(p.numel() for p in bundle.policy.parameters() if p.requires_grad),
+                       sha256=meta.sha256)
+
+
+def describe(recipe: SimBaseRecipe) -> dict[str, Any]:
+    """The recipe as plain JSON (recorded in the checkpoint's zk0.json and the bench's output)."""
+    from dataclasses import asdict
+
+    return asdict(recipe)
+
+
+def with_knobs(recipe: SimBaseRecipe, **knobs: Any) -> SimBaseRecipe:
+    """The recipe with recipe- or shape-level fields replaced (the bench's search knobs)."""
+    shape_fields = {k: v for k, v in knobs.items() if k in SimBaseShape.__dataclass_fields__}
+    vlm_fields = {k: v for k, v in knobs.items() if k in VLMShape.__dataclass_fields__}
+    rest = {k: v for k, v in knobs.items() if k not in shape_fields and k not in vlm_fields}
+    shape = replace(recipe.shape, vlm=replace(recipe.shape.vlm, **vlm_fields), **shape_fields)
+    return replace(recipe, shape=shape, **rest)
