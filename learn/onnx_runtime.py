@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zk0.learn.onnx_export import ExportOptions, Manifest, read_manifest
+from zk0.learn.onnx_export import MANIFEST, ExportOptions, Manifest, read_manifest
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -63,8 +63,8 @@ class OnnxPolicy:
         verify_files(self.export_dir, self.manifest)
         self.config = PreTrainedConfig.from_pretrained(self.export_dir)
         self.config.device = "cpu"
-        self._prefix = session(self.export_dir / self.manifest.graphs["prefix"], threads)
-        self._denoise = session(self.export_dir / self.manifest.graphs["denoise"], threads)
+        self.prefix_session = session(self.export_dir / self.manifest.graphs["prefix"], threads)
+        self.denoise_session = session(self.export_dir / self.manifest.graphs["denoise"], threads)
         self._queue: deque[torch.Tensor] = deque(maxlen=self.config.n_action_steps)
 
     def reset(self) -> None:
@@ -107,12 +107,12 @@ class OnnxPolicy:
         m = self.manifest
         if noise is None:  # lerobot's sample_noise: standard normal from torch's global generator
             noise = torch.normal(0.0, 1.0, size=(1, m.chunk_size, m.max_action_dim))
-        pad_masks, keys, values = self._prefix.run(None, self.prefix_feeds(batch))
+        pad_masks, keys, values = self.prefix_session.run(None, self.prefix_feeds(batch))
         # lerobot's euler_integrate, step for step: time = 1 + step * dt in float32, x += dt * v
         x_t = noise.cpu().numpy().astype(np.float32)
         dt = -1.0 / m.steps
         for step in range(m.steps):
-            (v_t,) = self._denoise.run(None, {"x_t": x_t, "timestep": np.full(1, 1.0 + step * dt, np.float32),
+            (v_t,) = self.denoise_session.run(None, {"x_t": x_t, "timestep": np.full(1, 1.0 + step * dt, np.float32),
                                               "prefix_pad_masks": pad_masks, "past_keys": keys, "past_values": values})
             x_t = x_t + np.float32(dt) * v_t
         return torch.from_numpy(x_t[:, :, : m.action_dim])
@@ -151,14 +151,16 @@ def ensure_export(checkpoint: str | Path, options: ExportOptions = ExportOptions
 
     sha = read_meta(checkpoint).sha256
     target = (store or onnx_store()) / f"{sha[:16]}-{options.key()}"
-    if (target / "manifest.json").is_file() and read_manifest(target).source_sha256 == sha:
-        return target
-    bundle, meta = load_checkpoint(checkpoint)  # verifies the weights against `sha`
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        export_policy(bundle, checkpoint, meta.sha256, target, options)
-    except FileExistsError:  # another process exported it meanwhile: same source, same options
-        pass
+    if not target.exists():
+        bundle, meta = load_checkpoint(checkpoint)  # verifies the weights against `sha`
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            export_policy(bundle, checkpoint, meta.sha256, target, options)
+        except OSError:  # another process may have exported it meanwhile: same weights, same options
+            if not (target / MANIFEST).is_file():
+                raise
+    if read_manifest(target).source_sha256 != sha:
+        raise ValueError(f"{target} holds an export of other weights than {checkpoint}: remove it")
     return target
 
 
