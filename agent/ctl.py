@@ -94,7 +94,8 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
         return "verdict", {"outcome": args.outcome}
     if args.command == "record" and args.action != "start":
         return args.action, None  # the session commands a standalone `zk0 record` understands too
-    fields = {key: value for key, value in vars(args).items() if value not in (None, False)
+    # `is not`: 0 == False, and `--seed 0` is a value
+    fields = {key: value for key, value in vars(args).items() if value is not None and value is not False
               and key not in ("command", "runtime_dir", "address", "timeout", "json")}
     return args.command, fields
 

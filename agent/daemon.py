@@ -134,6 +134,8 @@ class Agent:
         federation = config.federation
         store = federation.policy_store if federation else self.paths.state_dir / "policies"
         self.core = AgentCore(config, self.paths, args.sim, store, self.events.publish)
+        # before the control socket exists: no request can change the state ahead of this event
+        self.events.publish("state", state=self.core.state.value, previous=None, reason="agent started")
         self._write_effective_config(config)
         self.control = ControlServer(self.paths.control, COMMANDS, self.core.handle)
         for path in (self.paths.runtime_dir / "agent.sock", self.paths.runtime_dir / "events.sock"):
@@ -178,7 +180,6 @@ class Agent:
         systemd.ready(self._status_line())
         log.info("zk0 agent ready: control %s, events %s, state %s%s", self.paths.control, self.paths.events,
                  self.paths.state_dir, " (sim)" if self.args.sim else "")
-        self.events.publish("state", state=self.core.state.value, previous=None, reason="agent started")
         last_ping = 0.0
         try:
             while not self._stop.wait(LOOP_PERIOD_S):

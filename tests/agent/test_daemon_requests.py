@@ -159,3 +159,12 @@ RIG = {"robot": "so101", "cameras": ("front", "wrist"), "fps": 30, "width": 640,
 ])
 def test_the_agent_restarts_its_sim_rig_only_when_it_must(serving, wanted, job_running, retry_at, start) -> None:
     assert rig_needs_start(serving, wanted, job_running, retry_at, now=10.0) is start
+
+
+def test_zk0ctl_sends_zero_values_and_leaves_out_unset_flags() -> None:
+    from zk0.agent.ctl import _parser, request_of
+
+    args = _parser().parse_args(["record", "start", "--dataset", "demo", "--task", "t", "--seed", "0"])
+    command, fields = request_of(args)
+    assert command == "record" and fields["seed"] == 0 and fields["action"] == "start"
+    assert "episodes" not in fields  # not given: the agent's config decides
