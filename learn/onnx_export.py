@@ -18,8 +18,8 @@ mask utilities, so the dynamo exporter (`torch.onnx.export(dynamo=True)`, needs 
 Shapes are fixed (batch 1, the checkpoint's cameras and image sizes, `tokenizer_max_length` tokens): a robot
 host runs exactly one observation layout. The flow-matching noise is an input of the runtime, never drawn in
 a graph. lerobot's pre/post processors (normalization, tokenizer) stay in Python and are copied alongside.
-int8 is onnxruntime's dynamic quantization (`quantize_dynamic`: int8 weights of MatMul/Gemm, activations
-quantized per call).
+int8 is onnxruntime's dynamic quantization (`quant_pre_process`, then `quantize_dynamic`: int8 weights of
+MatMul/Gemm/Conv per output channel, activations quantized per call).
 """
 
 from __future__ import annotations
@@ -217,6 +217,7 @@ def quantize_export(fp32_dir: str | Path, out_dir: str | Path) -> Manifest:
     """Write the int8 dynamic quantization of the fp32 export `fp32_dir` (int8 weights per output channel of
     every MatMul/Gemm, activations quantized per call) as the new export `out_dir`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from zk0.learn.checkpoint import write_dir_atomic
 
@@ -233,8 +234,14 @@ def quantize_export(fp32_dir: str | Path, out_dir: str | Path) -> Manifest:
                 shutil.copytree(path, folder / path.name)
             elif path.suffix not in (".onnx", ".data") and path.name != MANIFEST:
                 shutil.copy2(path, folder / path.name)
-        for name in manifest.graphs.values():
-            quantize_dynamic(source / name, folder / name, weight_type=QuantType.QInt8, per_channel=True)
+        with tempfile.TemporaryDirectory(prefix=".zk0-onnx-pre-", dir=out.parent) as scratch:
+            for name in manifest.graphs.values():
+                # The dynamo exporter leaves large frozen weights as Transpose(W) -> MatMul (onnxscript's
+                # folding has a size limit), which quantize_dynamic skips: without ORT's own pre-processing
+                # (constant folding) two thirds of the VLM's MatMuls, the vision tower's among them, stay fp32.
+                folded = Path(scratch) / name
+                quant_pre_process(source / name, folded, skip_symbolic_shape=True, save_as_external_data=True)
+                quantize_dynamic(folded, folder / name, weight_type=QuantType.QInt8, per_channel=True)
         _write_manifest(folder, replace(manifest, quantize="int8", tolerance=None, files=_digests(folder)))
 
     write_dir_atomic(out, write)
