@@ -70,14 +70,19 @@ def judge(bundle: Any, task: str, episodes: int, max_episode_s: float) -> dict[s
 
 
 def finetune(base: Path, demos: Sequence[sim_base.Demo], cameras: dict[str, tuple[int, int]], steps: int,
-             batch_size: int, lr: float | None, seed: int) -> tuple[Any, dict[str, Any]]:
-    """The base fine-tuned on a host's demonstrations the way `zk0 train --model BASE` does it."""
+             batch_size: int, lr: float | None, seed: int, base_stats: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The base fine-tuned on a host's demonstrations the way `zk0 train --model BASE` does it: normalized
+    with the host's own statistics, or with `base_stats` the ones the base was pretrained with."""
     from zk0.learn import stats as fedstats
+    from zk0.learn.checkpoint import STATS_FILE
     from zk0.learn.federation import policy_spec
     from zk0.learn.policy import seeded_policy_bundle, trainable_names
     from zk0.learn.trainer import LocalTrainer, TrainerConfig
 
     meta, stats = sim_base.demo_meta(demos, cameras)
+    if base_stats:
+        with np.load(base / STATS_FILE) as record:
+            stats = fedstats.SufficientStats.from_record(dict(record))
     with contextlib.redirect_stdout(sys.stderr):
         bundle = seeded_policy_bundle(policy_spec(str(base), "cpu"), meta, seed, stats=fedstats.to_lerobot_stats(stats))
     trainable = trainable_names(bundle.policy)
@@ -193,7 +198,8 @@ def run_config(name: str, knobs: dict[str, Any], args: argparse.Namespace) -> di
         demos = sim_base.record_demos([(task, seed) for seed in range(args.host_demos)], cameras, recipe.max_episode_s)
         record_s = time.perf_counter() - started
         for steps in args.host_steps:
-            tuned, info = finetune(base_dir, demos, cameras, steps, args.batch_size, args.lr, args.seed)
+            tuned, info = finetune(base_dir, demos, cameras, steps, args.batch_size, args.lr, args.seed,
+                                   args.base_stats)
             info["record_s"] = round(record_s, 1)
             info["demos"] = len(demos)
             info["success"] = judge(tuned, task, args.episodes, args.max_episode_s)
@@ -217,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host-steps", type=int, action="append", help="fine-tuning steps (repeatable)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="constant fine-tuning LR (default: the base's schedule)")
+    parser.add_argument("--base-stats", action="store_true",
+                        help="fine-tune with the base's normalization statistics instead of the host's")
     parser.add_argument("--episodes", type=int, default=50, help="validation episodes per host task")
     parser.add_argument("--max-episode-s", type=float, default=20.0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 demo per task, 20 steps, 1 episode")
