@@ -316,18 +316,17 @@ class BaseSeeding:
 
 def resolve_model(model: str, out: Path) -> str:
     """The federation's `model`: tiny, or a checkpoint directory (the sim base, built on first use)."""
+    from zk0.learn.sim_base import is_built
+
     if model == AUTO_MODEL:
-        model = default_model(_is_checkpoint(sim_base_dir()))
+        model = default_model(is_built(sim_base_dir()))
     if model != "sim-base":
         return model
     checkpoint = sim_base_dir()
-    if not _is_checkpoint(checkpoint):
+    if not is_built(checkpoint):
         print(f"zk0 demo: building the sim base into {checkpoint} (once; log {out / 'sim-base.log'})", flush=True)
         with open(out / "sim-base.log", "ab") as log:
             subprocess.run([sys.executable, "-m", "zk0.cli", "model", "sim-base", str(checkpoint)], check=True,
                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return str(checkpoint)
 
-
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()

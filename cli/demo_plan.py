@@ -71,8 +71,9 @@ def default_model(sim_base_built: bool) -> str:
 
 def sim_base_dir(env: Mapping[str, str] = os.environ) -> Path:
     """Where `zk0 model sim-base` is cached, shared with `zk0 experiment` (~/.cache/zk0/sim-base/seed-0)."""
-    cache = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME", "~")) / ".cache"
-    return cache / "zk0" / "sim-base" / f"seed-{SIM_BASE_SEED}"
+    from zk0.learn.sim_base import cache_dir
+
+    return cache_dir(SIM_BASE_SEED, env)
 
 
 @dataclass(frozen=True)

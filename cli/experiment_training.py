@@ -16,7 +16,6 @@ normalization statistics.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -37,24 +36,17 @@ def _zk0(args: Sequence[str], log_path: Path) -> None:
         raise RuntimeError(f"zk0 {' '.join(args[:2])} exited {result.returncode}; see {log_path}")
 
 
-def is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def sim_base_cache(seed: int) -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "zk0" / "sim-base" / f"seed-{seed}"
-
-
 def prepare_base(base: str, work_dir: Path, datasets: Sequence[Path], seed: int) -> Path:
     """The base checkpoint directory for `base` (a preset name or a checkpoint path), built if needed."""
+    from zk0.learn.sim_base import cache_dir, is_built
+
     if base == "sim-base":
-        checkpoint = sim_base_cache(seed)
-        if not is_checkpoint(checkpoint):
+        checkpoint = cache_dir(seed)
+        if not is_built(checkpoint):
             _zk0(["model", "sim-base", str(checkpoint), "--seed", str(seed)], work_dir / "logs" / "sim-base.log")
     elif base == "tiny":
         checkpoint = work_dir / "base" / "checkpoint"
-        if not is_checkpoint(checkpoint):
+        if not is_built(checkpoint):
             vlm = work_dir / "base" / "tiny-vlm"
             _zk0(["model", "tiny", str(vlm)], work_dir / "logs" / "base.log")
             _zk0(["train", *[a for d in datasets for a in ("--dataset", str(d))], "--steps", "0", "--model", str(vlm),
@@ -62,7 +54,7 @@ def prepare_base(base: str, work_dir: Path, datasets: Sequence[Path], seed: int)
                  work_dir / "logs" / "base.log")
     else:
         checkpoint = Path(base).resolve()
-    if not is_checkpoint(checkpoint):
+    if not is_built(checkpoint):
         raise FileNotFoundError(f"base {base!r}: no checkpoint at {checkpoint} (config.json + model.safetensors)")
     return checkpoint
 

@@ -47,12 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sim_base(args: argparse.Namespace) -> int:
-    import torch
-
     from zk0.learn.sim_base import PRESETS, build_sim_base
 
     recipe = PRESETS["sim-base"]
-    torch.set_num_threads(1)  # a small model: a second thread costs more than it gives on a shared CPU
     report = build_sim_base(args.out_dir, recipe, args.seed, progress=_Progress(recipe.steps),
                             log=lambda line: print(f"zk0 model sim-base: {line}", file=sys.stderr, flush=True))
     sys.stderr.write("\n")

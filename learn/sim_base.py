@@ -22,9 +22,10 @@ Pure decisions (shape, recipe, seeds, config overrides) are separate from the I/
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +37,18 @@ from zk0.learn.tiny_vlm import VLMShape
 
 SIM_BASE_SEED_BASE = 3_000_000
 TASK_SEED_STRIDE = 100_000  # scene seeds of task k: SIM_BASE_SEED_BASE + k * stride + i
+
+
+def cache_dir(seed: int, env: Mapping[str, str] = os.environ) -> Path:
+    """Where `zk0 demo` and `zk0 experiment` keep the sim base built from `seed`
+    ($XDG_CACHE_HOME/zk0/sim-base/seed-<seed>, default ~/.cache/...)."""
+    cache = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME", "~")).expanduser() / ".cache"
+    return cache / "zk0" / "sim-base" / f"seed-{seed}"
+
+
+def is_built(path: Path) -> bool:
+    """Whether `path` holds a saved policy (what `zk0 model sim-base` writes last)."""
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 FPS = 30
 ROBOT = "so101"
 STATE = "observation.state"
@@ -351,6 +364,18 @@ def train_base(recipe: SimBaseRecipe, demos: Sequence[Demo], seed: int,
     return bundle, stats, losses, scene_losses, time.perf_counter() - started
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_sim_base(out: str | Path, recipe: SimBaseRecipe, seed: int = 0,
                    progress: Callable[[], bool] | None = None, log: Callable[[str], None] = lambda _: None,
                    demos: Sequence[Demo] | None = None) -> BuildReport:
@@ -367,7 +392,8 @@ def build_sim_base(out: str | Path, recipe: SimBaseRecipe, seed: int = 0,
     good = [d for d in demos if d.success]
     log(f"{len(good)}/{len(demos)} successful, {sum(len(d.state) for d in good)} frames, {record_s:.0f} s; "
         f"pretraining {recipe.steps} steps")
-    bundle, stats, losses, scene_losses, train_s = train_base(recipe, good, seed, progress)
+    with one_torch_thread():  # the seed fixes the weights only if the float sums run in one order
+        bundle, stats, losses, scene_losses, train_s = train_base(recipe, good, seed, progress)
     meta = save_checkpoint(out, bundle, CheckpointMeta(run="sim-base", round=0, extra={
         "preset": describe(recipe), "seed": seed}), stats=stats)
     return BuildReport(demos=len(demos), successful_demos=len(good), frames=sum(len(d.state) for d in good),
