@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         runners = {role: policy_in_sim(p.bundle, setup.fps, setup.robot, args.device)
                    for role, p in policies.items()} if args.sim else None
         started = time.monotonic()
-        outcomes, stopped = (_sim_outcomes(setup, runners), None) if args.sim else _robot_outcomes(args, setup, policies)
+        outcomes, stopped = (sim_outcomes(setup, runners), None) if args.sim else _robot_outcomes(args, setup, policies)
     except (ConfigError, PolicyStoreError, ValueError, FileNotFoundError, CalibrationError, RobotOwned) as error:
         print(f"zk0 validate: {error}", file=sys.stderr)
         return 2
@@ -211,7 +211,7 @@ def _check_promotable(policies: dict[str, LoadedPolicy], store: Path) -> None:
                          f"not {policies['active'].ref}")
 
 
-def _sim_outcomes(setup: Setup, runners: dict[str, tuple[Any, Any]]) -> dict[str, list]:
+def sim_outcomes(setup: Setup, runners: dict[str, tuple[Any, Any]]) -> dict[str, list]:
     """Run the paired episodes in lock-step (progress: one line per pair)."""
     from zk0.agent.lockstep import run_episode
     from zk0.agent.validate import episode_plan

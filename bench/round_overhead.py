@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,35 +35,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from zk0.server.run_dir import TARGET_OVERHEAD_FRACTION, summarize_overhead
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-TARGET_OVERHEAD_FRACTION = 0.10
-
-
-def round_figures(entry: Mapping[str, Any]) -> dict[str, float]:
-    """The timings of one round of `federated_metrics.json` (see the module docstring)."""
-    train_phase, evaluate_phase = entry["phase_seconds"]["train"], entry["phase_seconds"]["evaluate"]
-    node_train = max((c["metrics"].get("train-seconds", 0.0) for c in entry["clients"].values()), default=0.0)
-    node_eval = entry.get("client_eval", {}).get("eval-seconds", 0.0)
-    train_overhead, evaluate_overhead = train_phase - node_train, evaluate_phase - node_eval
-    return {
-        "round": entry["round"], "wall_s": entry["seconds"], "train_phase_s": train_phase,
-        "evaluate_phase_s": evaluate_phase, "node_train_s": node_train, "node_eval_s": node_eval,
-        "train_overhead_s": train_overhead, "evaluate_overhead_s": evaluate_overhead,
-        "server_s": entry["seconds"] - train_phase - evaluate_phase,
-        "overhead_fraction": (train_overhead + evaluate_overhead) / entry["seconds"],
-    }
-
-
-def summarize(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-round figures of a run's trained rounds, and the means of the rounds after the first (warm)."""
-    figures = [round_figures(entry) for entry in rounds if entry["round"] > 0]
-    warm = figures[1:]
-    mean = {key: statistics.fmean(f[key] for f in warm) for key in figures[0] if key != "round"} if warm else {}
-    if mean:
-        mean["per_message_overhead_s"] = (mean["train_overhead_s"] + mean["evaluate_overhead_s"]) / 2
-    return {"rounds": figures, "warm_mean": mean}
-
 
 def _zk0(*args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "zk0.cli", *args], capture_output=True, text=True)
@@ -88,7 +61,7 @@ def run_fleet(datasets: Sequence[Path], rounds: int, config: Path, out: Path, wo
     _zk0("fleet", "local", *dataset_args, "--rounds", str(rounds), "--out", str(out), "--model", "tiny",
          "--config", str(config), *(["--learn-workers"] if workers else []))
     history = json.loads((out / "federated_metrics.json").read_text())["rounds"]
-    return {**summarize(history), "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    return {**summarize_overhead(history), "load_average_before": load_before, "load_average_after": os.getloadavg()}
 
 
 def main() -> int:

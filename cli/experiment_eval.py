@@ -43,7 +43,7 @@ def _judge_here(policies: Mapping[str, Path], tasks: list[str], episodes_per_tas
 
     from zk0.agent.lockstep import policy_in_sim
     from zk0.agent.validate import summaries
-    from zk0.agent.validate_cli import Setup, _sim_outcomes
+    from zk0.agent.validate_cli import Setup, sim_outcomes
     from zk0.hw.config import SafetySettings
     from zk0.learn.checkpoint import load_checkpoint
 
@@ -52,4 +52,4 @@ def _judge_here(policies: Mapping[str, Path], tasks: list[str], episodes_per_tas
                   max_episode_s=max_episode_s, safety=SafetySettings(), store=None, config_path=None,
                   host="experiment", simulated=True)
     runners = {name: policy_in_sim(load_checkpoint(path)[0], fps, ROBOT) for name, path in policies.items()}
-    return summaries(_sim_outcomes(setup, runners), tasks)
+    return summaries(sim_outcomes(setup, runners), tasks)

@@ -1,12 +1,11 @@
 """The experiment's record: results.json's entries, the issue's done-when checks, results.md and the plots.
 
-Pure except `write_plots` and `round_overhead`'s loading of bench/round_overhead.py (the per-round overhead
-arithmetic lives there, shared with the benchmark that introduced it).
+Pure except `write_plots`; the per-round overhead arithmetic is zk0.server.run_dir's, shared with
+bench/round_overhead.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,14 +74,10 @@ def federated_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def round_overhead(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """bench/round_overhead.py's per-round figures (round wall minus node training and evaluation) of a run."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "round_overhead.py"
-    spec = importlib.util.spec_from_file_location("zk0_bench_round_overhead", path)
-    assert spec is not None and spec.loader is not None, f"missing {path}"
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    summary = bench.summarize(metrics["rounds"])
-    return {**summary, "target_fraction": bench.TARGET_OVERHEAD_FRACTION}
+    """The per-round overhead figures (round wall minus node training and evaluation) of a run."""
+    from zk0.server.run_dir import TARGET_OVERHEAD_FRACTION, summarize_overhead
+
+    return {**summarize_overhead(metrics["rounds"]), "target_fraction": TARGET_OVERHEAD_FRACTION}
 
 
 def _rate(results: Mapping[str, Any], arm: str, group: str) -> float | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -130,3 +131,35 @@ def round_series(rounds: Sequence[Mapping[str, Any]]) -> RoundSeries:
         lr=[r.get("lr", nan) for r in rounds],
         mu=[r.get("mu", nan) for r in rounds],
     )
+
+
+# Issue #13's round overhead target: wall time minus training and evaluation, as a fraction of the round.
+TARGET_OVERHEAD_FRACTION = 0.10
+
+
+def round_figures(entry: Mapping[str, Any]) -> dict[str, float]:
+    """One round of `federated_metrics.json`: its train / evaluate phases, the nodes' own training and
+    evaluation time within them, and the rest: overhead = phase - node work (Flower delivery and polling,
+    ClientApp start, building, encoding), `overhead_fraction` of the round's wall time (bench/round_overhead.py)."""
+    train_phase, evaluate_phase = entry["phase_seconds"]["train"], entry["phase_seconds"]["evaluate"]
+    node_train = max((c["metrics"].get("train-seconds", 0.0) for c in entry["clients"].values()), default=0.0)
+    node_eval = entry.get("client_eval", {}).get("eval-seconds", 0.0)
+    train_overhead, evaluate_overhead = train_phase - node_train, evaluate_phase - node_eval
+    return {
+        "round": entry["round"], "wall_s": entry["seconds"], "train_phase_s": train_phase,
+        "evaluate_phase_s": evaluate_phase, "node_train_s": node_train, "node_eval_s": node_eval,
+        "train_overhead_s": train_overhead, "evaluate_overhead_s": evaluate_overhead,
+        "server_s": entry["seconds"] - train_phase - evaluate_phase,
+        "overhead_fraction": (train_overhead + evaluate_overhead) / entry["seconds"],
+    }
+
+
+def summarize_overhead(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-round overhead figures (`round_figures`) of a run's trained rounds, and the means of the rounds after
+    the first (warm)."""
+    figures = [round_figures(entry) for entry in rounds if entry["round"] > 0]
+    warm = figures[1:]
+    mean = {key: statistics.fmean(f[key] for f in warm) for key in figures[0] if key != "round"} if warm else {}
+    if mean:
+        mean["per_message_overhead_s"] = (mean["train_overhead_s"] + mean["evaluate_overhead_s"]) / 2
+    return {"rounds": figures, "warm_mean": mean}
