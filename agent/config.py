@@ -64,10 +64,20 @@ class RolloutSettings:
     watchdog_torque_off_s: float = 1.0  # still none after this: torque off
     estop_hold_s: float = 0.5  # after an estop: hold this long, then torque off
     inference: Literal["sync", "rtc"] = "sync"  # one action chunk at a time, or real-time chunking
+    # What computes the actions (rollout and validation): torch, or an ONNX export run by onnxruntime (made once
+    # per policy and options, cached; zk0 policy export-onnx), with int8 weights and fewer Euler steps if asked.
+    backend: Literal["torch", "onnxruntime"] = "torch"
+    onnx_quantize: Literal["none", "int8"] = "none"
+    onnx_steps: int | None = None  # denoising steps; null: the policy's own (10 for SmolVLA)
 
     def __post_init__(self) -> None:
         for name in ("watchdog_hold_s", "watchdog_torque_off_s", "estop_hold_s"):
             _require_positive(self, name)
+        if self.backend == "onnxruntime" and self.inference == "rtc":
+            raise ValueError("backend: onnxruntime cannot run rtc inference (its guidance differentiates the "
+                             "denoiser with torch autograd); use inference: sync")
+        if self.onnx_steps is not None and self.onnx_steps < 1:
+            raise ValueError(f"onnx_steps: at least 1 (or null: the policy's own), got {self.onnx_steps}")
         if self.watchdog_hold_s >= self.watchdog_torque_off_s:
             raise ValueError(f"watchdog_hold_s: must be below watchdog_torque_off_s ({self.watchdog_torque_off_s}), "
                              f"got {self.watchdog_hold_s}")

@@ -113,11 +113,10 @@ def _rollout(config, args: argparse.Namespace) -> int:
     from zk0.agent.policy_store import resolve_policy
     from zk0.agent.record_cli import _start_sim
     from zk0.agent.rollout import Rollout, rollout_features
-    from zk0.agent.rollout_engines import make_source, warm_up
+    from zk0.agent.rollout_engines import load_policy, make_source, warm_up
     from zk0.agent.writer_process import WriterProcess
     from zk0.hw.realtime import polling
     from zk0.hw.robots import calibration_hash, connect_without_prompt, disconnect_quietly, make_follower, make_leader
-    from zk0.learn.checkpoint import load_checkpoint
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     fps = config.record.fps
@@ -141,7 +140,7 @@ def _rollout(config, args: argparse.Namespace) -> int:
             stack.callback(store.close)
         store_root = args.store or (config.federation.policy_store if config.federation else None)
         path = Path(resolve_policy(args.policy, store_root))  # a store version's checkpoint is named after it
-        bundle, meta = load_checkpoint(path, device=args.device)
+        bundle, meta = load_policy(path, args.device, config.rollout)
         version = f"{path.name}@{meta.sha256[:12]}"
         estop = estop_on_signals()
         plan = rollout_plan(config, args.task, args.episodes, config.record.episode_time_s, version, cal_hash,

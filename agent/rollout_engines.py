@@ -224,6 +224,15 @@ class RtcSource:
         return None if action is None else action.numpy().astype(np.float64)
 
 
+def load_policy(path: Any, device: str, settings: Any) -> tuple[Any, Any]:
+    """(PolicyBundle, CheckpointMeta) of the checkpoint at `path` on the backend `settings`
+    (zk0.agent.config.RolloutSettings) names: torch, or onnxruntime over a cached export."""
+    from zk0.learn.onnx_export import ExportOptions
+    from zk0.learn.onnx_runtime import load_backend
+
+    return load_backend(path, device, settings.backend, ExportOptions(settings.onnx_steps, settings.onnx_quantize))
+
+
 def make_source(kind: str, bundle: Any, robot: Any, features: dict, task: str, fps: int, device: str) -> ActionSource:
     """The `kind` ("sync" or "rtc") action source for a loaded policy bundle, wired the way lerobot's
     `build_rollout_context` wires its engines. `robot`: the ThreadSafeRobot the loop sends through."""

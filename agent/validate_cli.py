@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"agent config: validation, safety and fps settings; the robot (default {ROBOT_CONFIG} "
                              "without --sim)")
     parser.add_argument("--device", default="cpu", help="torch device the policies run on (default %(default)s)")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"),
+                        help="what computes the actions (default: the config's rollout.backend, else torch)")
     parser.add_argument("--control", metavar="ADDRESS", help="without --sim: control API address for zk0ctl "
                                                               "(default from config)")
     parser.add_argument("--write-calibration", action="store_true",
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.sim:
             refuse_if_agent_owns_robot("validate")
         setup = _setup(args)
-        policies = {role: _load(ref, setup.store, args.device) for role, ref in
+        policies = {role: _load(ref, setup.store, args.device, setup.rollout) for role, ref in
                     (("candidate", args.policy), ("active", args.against))}
         if args.promote:
             _check_promotable(policies, setup.store)
@@ -104,18 +106,20 @@ class Setup:
     config_path: str | None
     host: str  # the config's host_id, else the machine's name
     simulated: bool
+    rollout: Any = None  # zk0.agent.config.RolloutSettings (the inference backend); None: the defaults
 
     def settings(self) -> dict[str, Any]:
         """The report's record of how the episodes ran."""
         return {"robot": self.robot, "fps": self.fps, "max_episode_s": self.max_episode_s,
                 "safety": dataclasses.asdict(self.safety), "config": self.config_path,
                 "simulation": "lock-step" if self.simulated else None,
+                "backend": self.rollout.backend if self.rollout else "torch",
                 "verdicts": "success predicate" if self.simulated else "operator (zk0ctl verdict)",
                 "promotion_margin": self.margin}
 
 
 def _setup(args: argparse.Namespace) -> Setup:
-    from zk0.agent.config import AgentConfig, ConfigError, ValidationSettings, load_config
+    from zk0.agent.config import AgentConfig, ConfigError, RolloutSettings, ValidationSettings, load_config
     from zk0.hw.config import SafetySettings
 
     config: AgentConfig | None = load_config(args.config, check_devices=False) if args.config else None
@@ -137,7 +141,18 @@ def _setup(args: argparse.Namespace) -> Setup:
         safety=config.safety if config else SafetySettings(), store=store,
         config_path=str(args.config.resolve()) if args.config else None,
         host=config.host_id if config else socket.gethostname(), simulated=args.sim,
+        rollout=_inference_settings(config.rollout if config else RolloutSettings(), args.backend),
     )
+
+
+def _inference_settings(settings: Any, backend: str | None) -> Any:
+    """The config's rollout settings with `--backend` over its backend; validation always runs sync."""
+    from zk0.agent.config import ConfigError
+
+    try:
+        return dataclasses.replace(settings, inference="sync", backend=backend or settings.backend)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def sim_tasks(names: Sequence[str]) -> list[str]:
@@ -187,14 +202,15 @@ class LoadedPolicy:
                 "run": self.meta.run, "round": self.meta.round, "parent": self.meta.parent, "extra": self.meta.extra}
 
 
-def _load(ref: str, store: Path | None, device: str) -> LoadedPolicy:
+def _load(ref: str, store: Path | None, device: str, rollout: Any) -> LoadedPolicy:
+    from zk0.agent.config import RolloutSettings
     from zk0.agent.policy_store import PolicyStore, resolve_policy
-    from zk0.learn.checkpoint import load_checkpoint
+    from zk0.agent.rollout_engines import load_policy
 
     # Resolved to a version name once: a promotion meanwhile must not make "active" name other weights.
     version = None if Path(ref).is_dir() or store is None else PolicyStore(store).get(ref).name
     path = Path(resolve_policy(version or ref, store)).absolute()  # the store's cache name, not the version folder
-    bundle, meta = load_checkpoint(path, device=device)
+    bundle, meta = load_policy(path, device, rollout or RolloutSettings())
     return LoadedPolicy(ref, version, path, bundle, meta)
 
 

@@ -184,3 +184,24 @@ def test_zk0_validate_sim_end_to_end_writes_the_record_and_promotes(tmp_path, st
     assert state.active == "tiny-round1" and state.previous == "tiny-round0"
     assert str((report_dir / "report.json").resolve()) in json.dumps(state.history[-1])
     print(f"\n{report['seconds_per_episode']} s per episode; candidate {report['summary']['candidate']['all']}")
+
+
+@pytest.mark.slow
+def test_zk0_validate_sim_runs_the_policies_on_onnxruntime_when_asked(tmp_path, store):
+    """`--backend onnxruntime` (or the config's rollout.backend): both policies are exported once (cached under
+    $XDG_CACHE_HOME/zk0/onnx) and judged on onnxruntime; the report says which backend computed the actions."""
+    config = yaml.safe_load((REPO / "configs" / "agent.yaml").read_text())
+    config["validation"] = {"episodes": 2, "max_episode_s": 1.0}
+    config["rollout"] = {"backend": "onnxruntime"}
+    config_path = tmp_path / "agent.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "zk0.cli", "validate", "--sim", "--policy", "tiny-round1", "--against",
+               "tiny-round0", "--task", TASKS[0], "--report", str(tmp_path / "report"), "--store", str(store.root),
+               "--config", str(config_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["settings"]["backend"] == "onnxruntime" and len(report["pairs"]) == 2
+    assert len(list((tmp_path / "cache" / "zk0" / "onnx").glob("*/manifest.json"))) == 2  # one export per policy
