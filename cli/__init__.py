@@ -15,7 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("zk0.hw.sim.cli", "run simulated SO-100/SO-101 hardware (arms, cameras, operator)"),
     "record": ("zk0.agent.record_cli", "record tele-operated episodes into a local LeRobot dataset"),
-    "model": ("zk0.learn.model_cli", "make policy model directories (e.g. the tiny offline SmolVLM stand-in)"),
+    "model": ("zk0.learn.model_cli", "make policy model directories (the tiny offline SmolVLM stand-in, the sim base)"),
     "train": ("zk0.learn.train_cli", "centralized SmolVLA training on local datasets (the federated baseline)"),
     "server": ("zk0.server.launch", "run the federation server: Flower SuperLink + zk0 ServerApp"),
     "node": ("zk0.agent.node", "run this host's Flower SuperNode"),
@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("zk0.agent.daemon", "run the zk0 agent: the robot host's daemon (record, train in idle windows, validate, roll out)"),
     "certs": ("zk0.server.certs", "generate the CA, SuperLink certificate and SuperNode keys"),
     "fleet": ("zk0.cli.fleet", "run a whole federation on this machine (SuperLink + one SuperNode per dataset)"),
-    "policy": ("zk0.agent.policy_cli", "this host's policy store: list, show, promote, rollback, prune, export"),
+    "policy": ("zk0.agent.policy_cli", "this host's policy store: list, show, promote, rollback, prune, export, export-onnx, parity"),
     "rollout": ("zk0.agent.rollout_cli", "run a policy on the robot inside the safety envelope"),
     "validate": ("zk0.agent.validate_cli", "compare a candidate policy with the active one on paired seeded episodes"),
     "demo": ("zk0.cli.demo", "the zk0 demo on simulated hardware"),
