@@ -6,6 +6,7 @@
   zk0 policy rollback [--reason R]      swap active and previous
   zk0 policy prune [--keep N] [--max-bytes B]   remove old versions; never active or previous
   zk0 policy export REF DIR             write REF as a standalone lerobot checkpoint
+  zk0 policy import CHECKPOINT [--run R] [--activate]   store a checkpoint as R-round0 (a base to start from)
   zk0 policy export-onnx REF DIR [--quantize none|int8] [--steps K]
                                         write REF's action-chunk inference as onnxruntime graphs (zk0.learn.onnx_export)
   zk0 policy parity REF DIR             max abs difference of actions, torch vs the onnxruntime export in DIR
@@ -59,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", parents=[common], help="write a version as a standalone lerobot checkpoint")
     export.add_argument("ref", help="version name, active or previous")
     export.add_argument("dir", type=Path, help="new directory to write")
+    imported = sub.add_parser("import", parents=[common],
+                              help="store a lerobot checkpoint as version RUN-round0 (e.g. the base to start from)")
+    imported.add_argument("checkpoint", type=Path, help="a checkpoint directory (config.json + model.safetensors)")
+    imported.add_argument("--run", dest="run_name", default="base", help="the version's run name (default %(default)s)")
+    imported.add_argument("--activate", action="store_true", help="then make it active")
+    imported.add_argument("--reason", default="imported", help="why, kept in history when activated")
     onnx = sub.add_parser("export-onnx", parents=[common],
                           help="export a version or checkpoint's inference to ONNX graphs for onnxruntime")
     onnx.add_argument("ref", help="version name, active, previous or a checkpoint directory")
@@ -95,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         if args.action in CHECKPOINT_ACTIONS:  # a checkpoint directory needs no store
             return CHECKPOINT_ACTIONS[args.action](None if Path(args.ref).is_dir() else store_root(args), args)
         root = store_root(args)
+        if args.action == "import":  # the first version a host receives may be the one it imports
+            root.mkdir(parents=True, exist_ok=True)
         if not root.is_dir():
             raise PolicyStoreError(f"no policy store at {root}")
         return ACTIONS[args.action](PolicyStore(root), args)
@@ -155,6 +164,20 @@ def _promote(store, args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(store, args: argparse.Namespace) -> int:
+    from zk0.agent.policy_store import PolicyStoreError
+
+    if not (args.checkpoint / "config.json").is_file():
+        raise PolicyStoreError(f"{args.checkpoint} is not a checkpoint directory (no config.json)")
+    version = store.add_checkpoint(args.checkpoint, run=args.run_name)
+    print(f"stored {version.name}")
+    if args.activate and store.state().active != version.name:
+        store.promote(version.name, reason=args.reason)
+        state = store.state()
+        print(f"active: {state.active} (previous: {state.previous})")
+    return 0
+
+
 def _rollback(store, args: argparse.Namespace) -> int:
     store.rollback(reason=args.reason)
     state = store.state()
@@ -212,5 +235,5 @@ def _parity(root: Path | None, args: argparse.Namespace) -> int:
 
 
 ACTIONS = {"list": _list, "show": _show, "promote": _promote, "rollback": _rollback, "prune": _prune,
-           "export": _export}
+           "export": _export, "import": _import}
 CHECKPOINT_ACTIONS = {"export-onnx": _export_onnx, "parity": _parity}

@@ -131,6 +131,16 @@ class PolicyStore:
             return self._materialised(self._loadable(ref))
 
     # --- writing
+    def add_checkpoint(self, checkpoint: Path, run: str) -> VersionInfo:
+        """Store a lerobot checkpoint (e.g. a base every host starts from) as version `<run>-round0`."""
+        from zk0.learn.checkpoint import load_checkpoint
+        from zk0.learn.codec import tensors_sha256
+        from zk0.learn.policy import trainable_state
+
+        bundle, _ = load_checkpoint(checkpoint)
+        return self.add_from_bundle(bundle, run=run, round=0, stats=None, server_metrics={},
+                                    global_sha256=tensors_sha256(trainable_state(bundle.policy)))
+
     def add_from_bundle(self, bundle: PolicyBundle, *, run: str, round: int, stats, server_metrics: dict,
                         global_sha256: str, node_metrics: dict | None = None) -> VersionInfo:
         """Store the global `bundle` holds as version `<run>-round<N>`; `stats`: SufficientStats or None.

@@ -138,20 +138,13 @@ class DemoHost:
 
 def seed_base(checkpoint: Path, stores: list[Path], run: str) -> str:
     """Put `checkpoint` (the federation's round-0 global: the base every host starts from) into each host's policy
-    store as version `<run>-round0` and make it active; returns the version name. The store has no import
-    command, so the demo writes through its API, under its lock, as the ClientApp does."""
+    store as version `<run>-round0` and make it active (`zk0 policy import --activate`); returns the version name."""
     from zk0.agent.policy_store import PolicyStore
-    from zk0.learn.checkpoint import load_checkpoint
-    from zk0.learn.codec import tensors_sha256
-    from zk0.learn.policy import trainable_state
 
-    bundle, _ = load_checkpoint(checkpoint)
-    digest = tensors_sha256(trainable_state(bundle.policy))
     name = ""
     for store in stores:
         policies = PolicyStore(store)
-        name = policies.add_from_bundle(bundle, run=run, round=0, stats=None, server_metrics={},
-                                        global_sha256=digest).name
+        name = policies.add_checkpoint(checkpoint, run=run).name
         if policies.state().active != name:  # a round's global came first and became active by itself
             policies.promote(name, reason="the demo's base policy (the federation's round 0)")
     return name

@@ -139,3 +139,16 @@ def test_export_onnx_and_parity(store: PolicyStore, capsys, tmp_path: Path) -> N
     assert code == 0 and result["quantize"] == "int8" and result["passed"] is None and result["steps"] == 3
     assert "exists: export-onnx writes a new directory" in _refused(capsys, store, "export-onnx", "active", str(out))
     assert "was exported from weights" in _refused(capsys, store, "parity", "run1-round1", str(out))
+
+
+def test_import_stores_a_checkpoint_as_a_version_and_may_activate_it(store: PolicyStore, tmp_path: Path, capsys) -> None:
+    """A base every host starts from arrives as a lerobot checkpoint: exported from one store, imported into a
+    fresh one as base-round0 with the same trainable tensors."""
+    assert zk0(capsys, "export", "run1-round2", str(tmp_path / "base"), "--store", str(store.root))[0] == 0
+    fresh = PolicyStore(tmp_path / "fresh")
+    code, out, _ = zk0(capsys, "import", str(tmp_path / "base"), "--activate", "--store", str(fresh.root))
+    assert code == 0 and "stored base-round0" in out.splitlines()  # after lerobot's own loading chatter
+    assert fresh.state().active == "base-round0"
+    assert fresh.get("base-round0").sha256 == store.get("run1-round2").sha256
+    code, _, err = zk0(capsys, "import", str(tmp_path), "--store", str(fresh.root))
+    assert code == 1 and "is not a checkpoint directory" in err
