@@ -22,6 +22,7 @@ JSON object; only meaningful on a quiet machine (`load_1m` is recorded alongside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -197,7 +198,8 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
     args.backend = args.backend or list(BACKENDS)
-    with tempfile.TemporaryDirectory(prefix="zk0-bench-inference-") as scratch:
+    # lerobot's model-building chatter goes to stderr: stdout carries the one JSON object
+    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="zk0-bench-inference-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         models = {}
