@@ -33,7 +33,8 @@ import yaml
 
 from zk0.cli.demo_hosts import DemoHost, HostError
 from zk0.cli.demo_plan import (
-    AUTO_MODEL, DATASET, DemoSettings, agent_config, default_model, host_plans, server_yaml, sim_base_dir,
+    AUTO_MODEL, DATASET, SIM_BASE_SEED, DemoSettings, agent_config, default_model, host_plans, server_yaml,
+    sim_base_dir,
 )
 from zk0.cli.demo_summary import BASE_RUN, event_line, host_row, rollout_outcome, table, write_plots
 
@@ -322,11 +323,9 @@ def resolve_model(model: str, out: Path) -> str:
         model = default_model(is_built(sim_base_dir()))
     if model != "sim-base":
         return model
-    checkpoint = sim_base_dir()
-    if not is_built(checkpoint):
-        print(f"zk0 demo: building the sim base into {checkpoint} (once; log {out / 'sim-base.log'})", flush=True)
-        with open(out / "sim-base.log", "ab") as log:
-            subprocess.run([sys.executable, "-m", "zk0.cli", "model", "sim-base", str(checkpoint)], check=True,
-                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return str(checkpoint)
+    from zk0.cli.experiment_training import cached_sim_base
+
+    if not is_built(sim_base_dir()):
+        print(f"zk0 demo: building the sim base into {sim_base_dir()} (once; log {out / 'sim-base.log'})", flush=True)
+    return str(cached_sim_base(SIM_BASE_SEED, out / "sim-base.log"))
 

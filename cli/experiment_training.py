@@ -36,14 +36,23 @@ def _zk0(args: Sequence[str], log_path: Path) -> None:
         raise RuntimeError(f"zk0 {' '.join(args[:2])} exited {result.returncode}; see {log_path}")
 
 
-def prepare_base(base: str, work_dir: Path, datasets: Sequence[Path], seed: int) -> Path:
-    """The base checkpoint directory for `base` (a preset name or a checkpoint path), built if needed."""
+def cached_sim_base(seed: int, log_path: Path) -> Path:
+    """The sim base built from `seed`, from zk0's cache (built there by `zk0 model sim-base` on first use, in a
+    process of its own, logging to `log_path`); `zk0 demo` and `zk0 experiment` share it."""
     from zk0.learn.sim_base import cache_dir, is_built
 
+    checkpoint = cache_dir(seed)
+    if not is_built(checkpoint):
+        _zk0(["model", "sim-base", str(checkpoint), "--seed", str(seed)], log_path)
+    return checkpoint
+
+
+def prepare_base(base: str, work_dir: Path, datasets: Sequence[Path], seed: int) -> Path:
+    """The base checkpoint directory for `base` (a preset name or a checkpoint path), built if needed."""
+    from zk0.learn.sim_base import is_built
+
     if base == "sim-base":
-        checkpoint = cache_dir(seed)
-        if not is_built(checkpoint):
-            _zk0(["model", "sim-base", str(checkpoint), "--seed", str(seed)], work_dir / "logs" / "sim-base.log")
+        checkpoint = cached_sim_base(seed, work_dir / "logs" / "sim-base.log")
     elif base == "tiny":
         checkpoint = work_dir / "base" / "checkpoint"
         if not is_built(checkpoint):
