@@ -14,7 +14,6 @@ so the torch weights are not kept in memory while the robot runs.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,9 @@ BACKENDS = ("torch", "onnxruntime")
 
 def onnx_store() -> Path:
     """Where `load_backend` keeps exports: $XDG_CACHE_HOME/zk0/onnx (~/.cache), beside zk0's VLM store."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "zk0" / "onnx"
+    from zk0.common.cache import zk0_cache
+
+    return zk0_cache() / "onnx"
 
 
 def verify_files(export_dir: Path, manifest: Manifest) -> None:

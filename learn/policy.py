@@ -63,8 +63,9 @@ def vlm_store() -> Path:
 
     Entries are content-addressed, so a VLM has the same path on every host whose store is at the same place.
     """
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "zk0" / "vlm"
+    from zk0.common.cache import zk0_cache
+
+    return zk0_cache() / "vlm"
 
 
 def vlm_files(source: Path) -> list[Path]:

@@ -42,8 +42,9 @@ TASK_SEED_STRIDE = 100_000  # scene seeds of task k: SIM_BASE_SEED_BASE + k * st
 def cache_dir(seed: int, env: Mapping[str, str] = os.environ) -> Path:
     """Where `zk0 demo` and `zk0 experiment` keep the sim base built from `seed`
     ($XDG_CACHE_HOME/zk0/sim-base/seed-<seed>, default ~/.cache/...)."""
-    cache = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path(env.get("HOME", "~")).expanduser() / ".cache"
-    return cache / "zk0" / "sim-base" / f"seed-{seed}"
+    from zk0.common.cache import zk0_cache
+
+    return zk0_cache(env) / "sim-base" / f"seed-{seed}"
 
 
 def is_built(path: Path) -> bool:
