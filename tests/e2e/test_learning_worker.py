@@ -1,6 +1,7 @@
 """`zk0 fleet local --learn-workers` end to end: two SuperNodes, each relaying to a warm learning worker, two
-rounds. The rounds complete, each worker builds the policy and data once for the run, and the second round's
-messages cost much less than the first's (whose training message built everything)."""
+rounds. The rounds complete, each worker builds the policy and data once for the run (round 1's training
+message builds them; round 2's reuses them), and the round figures `bench/round_overhead.py` reports are there.
+How much faster the warm round is, is a speed figure: the bench measures it, not this test."""
 
 from __future__ import annotations
 
@@ -20,12 +21,8 @@ def _bench():
     return module
 
 
-def _train_job_seconds(log: str) -> list[float]:
-    return [float(s) for s in re.findall(r"train job \w+: ([0-9.]+) s", log)]
-
-
 @pytest.mark.slow
-def test_fleet_local_with_learning_workers_builds_once_and_gets_faster(tmp_path, datasets, fast_config):
+def test_fleet_local_with_learning_workers_builds_policy_and_data_once(tmp_path, datasets, fast_config):
     run = tmp_path / "run"
     result = run_zk0("fleet", "local", "--dataset", str(datasets[0]), "--dataset", str(datasets[1]), "--rounds", "2",
                      "--out", str(run), "--model", "tiny", "--config", str(fast_config), "--learn-workers",
@@ -37,13 +34,11 @@ def test_fleet_local_with_learning_workers_builds_once_and_gets_faster(tmp_path,
 
     for name in ("red", "blue"):
         log = (run / "fleet" / "logs" / f"learn-worker-{name}.log").read_text()
-        assert log.count("policy and data built") == 1, log  # once per run, by round 1's training message
+        train_jobs = re.findall(r"train job \w+: [0-9.]+ s(, policy and data built)?", log)
+        assert train_jobs == [", policy and data built", ""], log  # round 1 builds, round 2 reuses
         assert re.search(r"query job \w+", log) and len(re.findall(r"evaluate job \w+", log)) == 2
-        first, second = _train_job_seconds(log)
-        assert second < 0.5 * first, log
 
     figures = _bench().summarize(json.loads((run / "federated_metrics.json").read_text())["rounds"])["rounds"]
     print(json.dumps(figures, indent=1))
-    first, second = figures
-    assert second["train_phase_s"] < 0.7 * first["train_phase_s"]
+    assert len(figures) == 2
     assert all(f["node_train_s"] > 0 and f["node_eval_s"] > 0 for f in figures)
