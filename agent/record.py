@@ -35,7 +35,8 @@ from lerobot.utils.constants import ACTION, OBS_STR
 from lerobot.utils.feature_utils import build_dataset_frame, hw_to_dataset_features
 from lerobot.utils.robot_utils import precise_sleep
 
-from zk0.agent.dataset_store import EpisodeMeta, EpisodeRejected, fault_point, free_disk_mb
+from zk0.agent.dataset_commit import EpisodeMeta
+from zk0.agent.dataset_store import EpisodeRejected, fault_point, free_disk_mb
 from zk0.hw.realtime import polling, realtime, shorten_gil_slices
 from zk0.hw.safety import SafetyEnvelope
 

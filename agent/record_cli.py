@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zk0.agent.config import ConfigError, load_config
-    from zk0.agent.dataset_store import DatasetError
+    from zk0.agent.dataset_commit import DatasetError
     from zk0.agent.ownership import RobotOwned, refuse_if_agent_owns_robot
     from zk0.agent.writer_process import WriterDied
     from zk0.hw.robots import CalibrationError
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _record(config, args: argparse.Namespace) -> int:
-    from zk0.agent.dataset_store import DatasetIdentity, EncodingSettings
+    from zk0.agent.dataset_commit import DatasetIdentity
+    from zk0.agent.dataset_store import EncodingSettings
     from zk0.agent.writer_process import WriterProcess
     from zk0.agent.control import start_control_server
     from zk0.agent.record import OperatorEvents, Recorder, RecordPlan, dataset_features
@@ -145,7 +146,8 @@ def _record(config, args: argparse.Namespace) -> int:
 
 def require_free_disk(root: Path, min_free_disk_mb: float) -> None:
     """Create the datasets root; DatasetError when it has less than `min_free_disk_mb` free."""
-    from zk0.agent.dataset_store import DatasetError, free_disk_mb
+    from zk0.agent.dataset_commit import DatasetError
+    from zk0.agent.dataset_store import free_disk_mb
 
     root.mkdir(parents=True, exist_ok=True)
     if free_disk_mb(root) < min_free_disk_mb:

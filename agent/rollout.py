@@ -34,7 +34,7 @@ from lerobot.utils.constants import ACTION, OBS_STR
 from lerobot.utils.feature_utils import build_dataset_frame
 
 from zk0.agent.config import RolloutSettings
-from zk0.agent.dataset_store import EpisodeMeta
+from zk0.agent.dataset_commit import EpisodeMeta
 from zk0.agent.record import (
     CAPTURE_TIME, TRANSIENT_HARDWARE_ERRORS, EpisodeEnvironment, EpisodeStore, HardwareLost, RealWorld, TickTiming,
     dataset_features, is_slow, tick_timing,

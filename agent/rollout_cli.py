@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zk0.agent.config import ConfigError, load_config
-    from zk0.agent.dataset_store import DatasetError
+    from zk0.agent.dataset_commit import DatasetError
     from zk0.agent.ownership import RobotOwned, refuse_if_agent_owns_robot
     from zk0.agent.policy_store import PolicyStoreError
     from zk0.hw.robots import CalibrationError
@@ -109,7 +109,8 @@ class RolloutSimEnvironment(SimEnvironment):
 def _rollout(config, args: argparse.Namespace) -> int:
     from zk0.agent.control import start_control_server
     from zk0.agent.dagger import Takeover
-    from zk0.agent.dataset_store import DatasetIdentity, EncodingSettings
+    from zk0.agent.dataset_commit import DatasetIdentity
+    from zk0.agent.dataset_store import EncodingSettings
     from zk0.agent.policy_store import resolve_policy
     from zk0.agent.record_cli import _start_sim
     from zk0.agent.rollout import Rollout, rollout_features

@@ -171,7 +171,7 @@ def sim_tasks(names: Sequence[str]) -> list[str]:
 
 def _dataset_tasks(config: Any) -> list[str]:
     """The tasks recorded in the datasets this host trains on (zk0.json of each federation dataset)."""
-    from zk0.agent.dataset_store import read_commit
+    from zk0.agent.dataset_commit import read_commit
     from zk0.agent.node import node_settings
 
     if config.federation is None:

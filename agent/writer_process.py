@@ -24,15 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from zk0.agent.dataset_store import (
-    DatasetError,
-    DatasetIdentity,
-    DatasetStore,
-    EncodingSettings,
-    EpisodeMeta,
-    EpisodeRejected,
-    RepairReport,
-)
+from zk0.agent.dataset_commit import DatasetError, DatasetIdentity, EpisodeMeta, RepairReport
+from zk0.agent.dataset_store import DatasetStore, EncodingSettings, EpisodeRejected
 from zk0.hw.realtime import drop_realtime_rights
 
 # Errors the child reports by type, so callers handle them as if the store ran in-process.

@@ -44,7 +44,7 @@ def agent_config(host: HostPlan, task: str, config: ExperimentConfig, path: Path
 
 def recorded(root: Path) -> int:
     """Committed episodes of a zk0 dataset (0 if there is none)."""
-    from zk0.agent.dataset_store import read_commit
+    from zk0.agent.dataset_commit import read_commit
 
     record = read_commit(root) if (root / "meta" / "info.json").is_file() else None
     return len(record.episodes) if record else 0
@@ -99,7 +99,7 @@ def dataset_bytes(root: Path) -> int:
 
 def demonstration_summary(roots: list[Path]) -> dict[str, Any]:
     """Episodes, scripted successes, scene seeds and bytes of a host's recorded datasets (from meta/zk0.json)."""
-    from zk0.agent.dataset_store import read_commit
+    from zk0.agent.dataset_commit import read_commit
 
     records = [read_commit(root) for root in roots]
     episodes = [e for record in records if record for e in record.episodes]

@@ -27,7 +27,7 @@ from zk0.learn.frame_cache import FrameCache
 
 STATE = "observation.state"
 ACTION = "action"
-# zk0's commit record of a dataset (written by zk0.agent.dataset_store) and the key of the id it stores.
+# zk0's commit record of a dataset (zk0.agent.dataset_commit) and the key of the id it stores.
 ZK0_META_PATH = "meta/zk0.json"
 DATASET_ID_KEY = "dataset_id"
 

@@ -30,7 +30,8 @@ WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np
-    from zk0.agent.dataset_store import DatasetIdentity, DatasetStore, EpisodeMeta
+    from zk0.agent.dataset_commit import DatasetIdentity, EpisodeMeta
+    from zk0.agent.dataset_store import DatasetStore
     from zk0.agent.record import CAPTURE_TIME
     from tests.agent.conftest import FEATURES as features
 

@@ -16,7 +16,7 @@ import zmq
 from zk0.agent import lease
 from zk0.agent.control import ControlServer, Request, parse_request, request
 from zk0.agent.ctl import main as zk0ctl
-from zk0.agent.dataset_store import read_commit
+from zk0.agent.dataset_commit import read_commit
 
 COMMANDS = ("status", "save", "stop")
 

@@ -13,7 +13,7 @@ import pytest
 from tests.agent.conftest import WRITER, run_writer
 from lerobot.datasets import LeRobotDataset
 
-from zk0.agent.dataset_store import read_commit
+from zk0.agent.dataset_commit import read_commit
 
 NAME = "crashy"
 

@@ -14,16 +14,11 @@ import numpy as np
 import pytest
 from lerobot.datasets import LeRobotDataset
 
-from zk0.agent.dataset_store import (
-    ZK0_META_PATH,
-    DatasetError,
-    DatasetIdentity,
-    DatasetStore,
-    EpisodeMeta,
-    read_commit,
-)
+from zk0.agent.dataset_commit import DatasetError, DatasetIdentity, EpisodeMeta, read_commit
+from zk0.agent.dataset_store import DatasetStore
 from zk0.agent.record import CAPTURE_TIME
 from zk0.hw.realtime import threads_without_realtime
+from zk0.learn.data import ZK0_META_PATH
 
 from tests.agent.conftest import FEATURES
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from lerobot.datasets import LeRobotDataset
 
-from zk0.agent.dataset_store import read_commit
+from zk0.agent.dataset_commit import read_commit
 from zk0.agent.record import CAPTURE_TIME, OperatorEvents, Recorder, RecordPlan, is_slow, tick_timing
 from tests.agent.conftest import FEATURES, FPS, JOINTS
 

@@ -65,7 +65,7 @@ def test_bad_requests_are_refused_in_one_line_before_anything_runs(capsys, overr
 
 
 def test_tasks_come_from_the_option_then_the_config_then_the_federation_datasets(tmp_path):
-    from zk0.agent.dataset_store import CommitRecord, DatasetIdentity, write_commit
+    from zk0.agent.dataset_commit import CommitRecord, DatasetIdentity, write_commit
 
     dataset = tmp_path / "datasets" / "mixed"
     (dataset / "meta").mkdir(parents=True)

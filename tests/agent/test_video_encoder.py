@@ -14,7 +14,8 @@ from lerobot.datasets import LeRobotDataset
 from lerobot.datasets.compute_stats import RunningQuantileStats, auto_downsample_height_width
 
 from zk0.agent import video_encoder
-from zk0.agent.dataset_store import DatasetIdentity, DatasetStore, EpisodeMeta
+from zk0.agent.dataset_commit import DatasetIdentity, EpisodeMeta
+from zk0.agent.dataset_store import DatasetStore
 from zk0.agent.record import CAPTURE_TIME
 from zk0.agent.video_encoder import ENCODER_NICENESS, PixelStats, StreamingEncoder
 

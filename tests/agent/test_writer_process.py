@@ -14,14 +14,8 @@ import numpy as np
 import pytest
 from lerobot.datasets import LeRobotDataset
 
-from zk0.agent.dataset_store import (
-    DatasetError,
-    DatasetIdentity,
-    DatasetStore,
-    EpisodeMeta,
-    EpisodeRejected,
-    read_commit,
-)
+from zk0.agent.dataset_commit import DatasetError, DatasetIdentity, EpisodeMeta, read_commit
+from zk0.agent.dataset_store import DatasetStore, EpisodeRejected
 from zk0.agent.record import CAPTURE_TIME
 from zk0.agent.video_encoder import StreamingEncoder
 from zk0.agent.writer_process import WriterDied, WriterProcess

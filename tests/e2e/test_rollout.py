@@ -117,7 +117,7 @@ def assert_inside_envelope(goals: np.ndarray) -> None:
 def test_active_policy_from_the_store_runs_and_records_at_30_hz(policies, tmp_path: Path) -> None:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    from zk0.agent.dataset_store import read_commit
+    from zk0.agent.dataset_commit import read_commit
 
     datasets = tmp_path / "datasets"
     result = run_zk0(*rollout_args(tmp_path, "active", "--store", str(policies["store"]), "--episodes", "2",
@@ -181,7 +181,7 @@ def test_dagger_operator_takes_over_with_the_leader_and_the_frames_say_so(polici
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     from zk0.agent.ctl import main as zk0ctl
-    from zk0.agent.dataset_store import read_commit
+    from zk0.agent.dataset_commit import read_commit
 
     address, datasets = f"ipc://{tmp_path}/ctl.sock", tmp_path / "datasets"
     process = subprocess.Popen([sys.executable, "-m", "zk0.cli", *rollout_args(
