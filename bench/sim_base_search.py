@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from zk0.learn import sim_base
+from zk0.learn import sim_base, sim_demos
 
 ROBOT = "so101"
 
@@ -58,10 +58,10 @@ def judge(bundle: Any, task: str, episodes: int, max_episode_s: float) -> dict[s
     from zk0.hw.safety import SafetyEnvelope, envelope_spec
     from zk0.hw.sim.lockstep import follower_limits
 
-    spec = envelope_spec(follower_limits(), SafetySettings(), sim_base.FPS, ROBOT)
-    sim, controller = policy_in_sim(bundle, sim_base.FPS, ROBOT)
+    spec = envelope_spec(follower_limits(), SafetySettings(), sim_demos.FPS, ROBOT)
+    sim, controller = policy_in_sim(bundle, sim_demos.FPS, ROBOT)
     started = time.perf_counter()
-    outcomes = [run_episode(sim, controller, SafetyEnvelope(spec), t, seed, int(round(max_episode_s * sim_base.FPS)))
+    outcomes = [run_episode(sim, controller, SafetyEnvelope(spec), t, seed, int(round(max_episode_s * sim_demos.FPS)))
                 for t, seed in episode_plan([task], episodes)]
     summary = summarize(outcomes)
     summary["seconds_per_episode"] = round((time.perf_counter() - started) / episodes, 3)
@@ -69,7 +69,7 @@ def judge(bundle: Any, task: str, episodes: int, max_episode_s: float) -> dict[s
     return summary
 
 
-def finetune(base: Path, demos: Sequence[sim_base.Demo], cameras: dict[str, tuple[int, int]], steps: int,
+def finetune(base: Path, demos: Sequence[sim_demos.Demo], cameras: dict[str, tuple[int, int]], steps: int,
              batch_size: int, lr: float | None, seed: int, base_stats: bool = False) -> tuple[Any, dict[str, Any]]:
     """The base fine-tuned on a host's demonstrations the way `zk0 train --model BASE` does it: normalized
     with the host's own statistics, or with `base_stats` the ones the base was pretrained with."""
@@ -79,7 +79,7 @@ def finetune(base: Path, demos: Sequence[sim_base.Demo], cameras: dict[str, tupl
     from zk0.learn.policy import seeded_policy_bundle, trainable_names
     from zk0.learn.trainer import LocalTrainer, TrainerConfig
 
-    meta, stats = sim_base.demo_meta(demos, cameras)
+    meta, stats = sim_demos.demo_meta(demos, cameras)
     if base_stats:
         with np.load(base / STATS_FILE) as record:
             stats = fedstats.SufficientStats.from_record(dict(record))
@@ -88,7 +88,7 @@ def finetune(base: Path, demos: Sequence[sim_base.Demo], cameras: dict[str, tupl
     trainable = trainable_names(bundle.policy)
     if any(".vlm." in name for name in trainable):
         raise AssertionError("fine-tuning would train the VLM")
-    data = sim_base.DemoData(demos, bundle.policy.config.chunk_size)
+    data = sim_demos.DemoData(demos, bundle.policy.config.chunk_size)
     result = LocalTrainer(bundle.policy, bundle.preprocessor, data,
                           TrainerConfig(batch_size=batch_size, seed=seed)).train(None, steps, lr=lr)
     bundle.policy.eval()
@@ -118,14 +118,16 @@ def _mean(values: Sequence[float]) -> float | None:
 def demo_cache(args: argparse.Namespace, recipe: sim_base.SimBaseRecipe) -> Path:
     """Where the demonstrations of `recipe` are kept between configurations (and bench runs) sharing them."""
     key = (sim_base.demo_plan(recipe), recipe.shape.cameras, recipe.max_episode_s)
+    if recipe.image_stride != 1:  # the key of stride-1 caches recorded before the knob existed stays the same
+        key += (recipe.image_stride,)
     return args.out / f"demos-{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}.npz"
 
 
-def save_demos(path: Path, demos: Sequence[sim_base.Demo]) -> None:
+def save_demos(path: Path, demos: Sequence[sim_demos.Demo]) -> None:
     arrays: dict[str, Any] = {}
     for k, d in enumerate(demos):
         arrays.update({f"{k}/state": d.state, f"{k}/action": d.action, f"{k}/scene": d.scene,
-                       f"{k}/meta": np.array([d.task, str(d.seed), str(int(d.success))])})
+                       f"{k}/meta": np.array([d.task, str(d.seed), str(int(d.success)), str(d.image_stride)])})
         arrays.update({f"{k}/image/{camera}": frames for camera, frames in d.images.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
@@ -133,25 +135,26 @@ def save_demos(path: Path, demos: Sequence[sim_base.Demo]) -> None:
     os.replace(tmp, path)
 
 
-def load_demos(path: Path) -> list[sim_base.Demo]:
+def load_demos(path: Path) -> list[sim_demos.Demo]:
     with np.load(path) as data:
         count = 1 + max(int(key.split("/")[0]) for key in data.files)
         demos = []
         for k in range(count):
-            task, seed, success = data[f"{k}/meta"].tolist()
+            task, seed, success, *stride = data[f"{k}/meta"].tolist()
             images = {key.split("/")[2]: data[key] for key in data.files if key.startswith(f"{k}/image/")}
-            demos.append(sim_base.Demo(task, int(seed), data[f"{k}/state"], data[f"{k}/action"], images,
-                                       success == "1", data[f"{k}/scene"]))
+            demos.append(sim_demos.Demo(task, int(seed), data[f"{k}/state"], data[f"{k}/action"], images,
+                                       success == "1", data[f"{k}/scene"], int(stride[0]) if stride else 1))
     return demos
 
 
-def recipe_demos(args: argparse.Namespace, recipe: sim_base.SimBaseRecipe, log) -> list[sim_base.Demo]:
+def recipe_demos(args: argparse.Namespace, recipe: sim_base.SimBaseRecipe, log) -> list[sim_demos.Demo]:
     path = demo_cache(args, recipe)
     if path.is_file():
         log(f"demonstrations from {path}")
         return load_demos(path)
     log(f"recording {recipe.demos_per_task} demonstrations per task")
-    demos = sim_base.record_demos(sim_base.demo_plan(recipe), recipe.shape.camera_sizes(), recipe.max_episode_s)
+    demos = sim_demos.record_demos(sim_base.demo_plan(recipe), recipe.shape.camera_sizes(), recipe.max_episode_s,
+                                  recipe.image_stride)
     save_demos(path, demos)
     return demos
 
@@ -195,7 +198,7 @@ def run_config(name: str, knobs: dict[str, Any], args: argparse.Namespace) -> di
     cameras = recipe.shape.camera_sizes()
     for task in args.host_task:
         started = time.perf_counter()
-        demos = sim_base.record_demos([(task, seed) for seed in range(args.host_demos)], cameras, recipe.max_episode_s)
+        demos = sim_demos.record_demos([(task, seed) for seed in range(args.host_demos)], cameras, recipe.max_episode_s)
         record_s = time.perf_counter() - started
         for steps in args.host_steps:
             tuned, info = finetune(base_dir, demos, cameras, steps, args.batch_size, args.lr, args.seed,

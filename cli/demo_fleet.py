@@ -317,15 +317,15 @@ class BaseSeeding:
 
 def resolve_model(model: str, out: Path) -> str:
     """The federation's `model`: tiny, or a checkpoint directory (the sim base, built on first use)."""
-    from zk0.learn.sim_base import is_built
+    from zk0.learn.sim_base import is_current
 
     if model == AUTO_MODEL:
-        model = default_model(is_built(sim_base_dir()))
+        model = default_model(is_current(sim_base_dir()))
     if model != "sim-base":
         return model
     from zk0.cli.experiment_training import cached_sim_base
 
-    if not is_built(sim_base_dir()):
+    if not is_current(sim_base_dir()):
         print(f"zk0 demo: building the sim base into {sim_base_dir()} (once; log {out / 'sim-base.log'})", flush=True)
     return str(cached_sim_base(SIM_BASE_SEED, out / "sim-base.log"))
 

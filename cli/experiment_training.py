@@ -39,10 +39,10 @@ def _zk0(args: Sequence[str], log_path: Path) -> None:
 def cached_sim_base(seed: int, log_path: Path) -> Path:
     """The sim base built from `seed`, from zk0's cache (built there by `zk0 model sim-base` on first use, in a
     process of its own, logging to `log_path`); `zk0 demo` and `zk0 experiment` share it."""
-    from zk0.learn.sim_base import cache_dir, is_built
+    from zk0.learn.sim_base import cache_dir, is_current
 
     checkpoint = cache_dir(seed)
-    if not is_built(checkpoint):
+    if not is_current(checkpoint):
         _zk0(["model", "sim-base", str(checkpoint), "--seed", str(seed)], log_path)
     return checkpoint
 

@@ -9,7 +9,7 @@ VLM frozen (`freeze_vision_encoder`, `train_expert_only`), so `zk0 train --model
 learns from a scene probe (`SimBaseRecipe.scene_loss_weight`): a linear map, discarded afterwards, from each
 camera's image tokens to where the cubes and the bin are, the sim's stand-in for SmolVLM's own pretraining.
 
-Demonstrations are recorded in lock-step (zk0.hw.sim.lockstep: the loop `zk0 validate --sim` judges in, safety
+Demonstrations (zk0.learn.sim_demos) are recorded in lock-step (the loop `zk0 validate --sim` judges in, safety
 envelope included), with the cameras rendered at the size hosts record (`SimBaseShape.cameras`) and kept at
 that size: SmolVLA pads them to its square input itself, as it does for recorded frames. Scene seeds start
 at `SIM_BASE_SEED_BASE`, disjoint from recording (`zk0 record` keeps to [0, 1_000_000)), validation
@@ -31,8 +31,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 
+from zk0.learn.sim_demos import SCENE_DIMS, Demo, DemoData, demo_meta, record_demos
 from zk0.learn.tiny_vlm import VLMShape
 
 SIM_BASE_SEED_BASE = 3_000_000
@@ -50,11 +50,22 @@ def cache_dir(seed: int, env: Mapping[str, str] = os.environ) -> Path:
 def is_built(path: Path) -> bool:
     """Whether `path` holds a saved policy (what `zk0 model sim-base` writes last)."""
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-FPS = 30
-ROBOT = "so101"
-STATE = "observation.state"
-ACTION = "action"
-IMAGE_PREFIX = "observation.images."
+
+
+def is_current(path: Path) -> bool:
+    """Whether `path` holds a sim base built with today's preset: a cache built by an older zk0, whose preset
+    has changed since, is stale and gets rebuilt rather than judged as if it were today's base."""
+    import json
+
+    from zk0.learn.checkpoint import read_meta
+
+    if not is_built(path):
+        return False
+    try:
+        preset = read_meta(path).extra.get("preset")
+    except (OSError, ValueError, TypeError):  # unreadable or foreign metadata: not a base this zk0 built
+        return False
+    return preset == json.loads(json.dumps(describe(PRESETS["sim-base"])))
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,10 @@ class SimBaseRecipe:
     shape: SimBaseShape = SimBaseShape()
     tasks: tuple[str, ...] = ()  # () = every simulated task
     demos_per_task: int = 30
+    # Images are kept every `image_stride` ticks (state and action every tick): neighbouring frames of a
+    # demonstration are nearly the same picture, and a policy generalises over scenes, not ticks. Held in
+    # memory, images are what limits how many scenes a build can use.
+    image_stride: int = 1
     steps: int = 6000
     batch_size: int = 16
     lr: float = 1e-3
@@ -124,135 +139,6 @@ def release_overrides(recipe: SimBaseRecipe) -> dict[str, Any]:
     """SmolVLA config of the saved base: the VLM frozen as in smolvla_base, and a fine-tuning LR schedule."""
     return {"freeze_vision_encoder": True, "train_expert_only": True, "optimizer_lr": recipe.finetune_lr,
             "scheduler_warmup_steps": 100, "scheduler_decay_lr": recipe.finetune_lr / 40}
-
-
-@dataclass
-class Demo:
-    """One demonstration: per tick the present joints, the commanded target and each camera's image."""
-
-    task: str  # the instruction, as recorded datasets store it
-    seed: int
-    state: np.ndarray  # (T, 6) float32
-    action: np.ndarray  # (T, 6) float32
-    images: dict[str, np.ndarray]  # camera -> (T, 3, H, W) uint8
-    success: bool
-    scene: np.ndarray | None = None  # (T, SCENE_DIMS) float32: `scene_vector` per tick (privileged, sim only)
-
-
-SCENE_COLORS = ("red", "green", "blue")
-SCENE_DIMS = 3 * len(SCENE_COLORS) + 2
-# Rough centre and spread of the table's objects (metres), so the probe's targets are O(1).
-_SCENE_CENTRE = np.array([0.2, 0.0, 0.03] * len(SCENE_COLORS) + [0.18, 0.0])
-_SCENE_SCALE = np.array([0.05, 0.1, 0.03] * len(SCENE_COLORS) + [0.05, 0.15])
-
-
-def scene_vector(world: Any) -> np.ndarray:
-    """Where the cubes (x, y, z each) and the bin (x, y) are, scaled to O(1): the vision probe's target."""
-    cubes = world.scene.cubes
-    raw = np.concatenate([cubes[c].position if c in cubes else _SCENE_CENTRE[3 * k:3 * k + 3]
-                          for k, c in enumerate(SCENE_COLORS)] + [np.asarray(world.scene.bin.center)])
-    return ((raw - _SCENE_CENTRE) / _SCENE_SCALE).astype(np.float32)
-
-
-class _Recorder:
-    """A lock-step controller that keeps what it saw and what it commanded, and where things were."""
-
-    def __init__(self, controller: Any) -> None:
-        self.controller = controller
-        self.states: list[np.ndarray] = []
-        self.actions: list[np.ndarray] = []
-        self.scene: list[np.ndarray] = []
-        self.images: dict[str, list[np.ndarray]] = {}
-
-    def reset(self, task: Any, seed: int) -> None:
-        self.states, self.actions, self.scene, self.images = [], [], [], {}
-        self.controller.reset(task, seed)
-
-    def act(self, observation: Any) -> np.ndarray:
-        action = np.asarray(self.controller.act(observation), dtype=np.float64)
-        self.scene.append(scene_vector(self.controller.sim.world))
-        self.states.append(observation.joints.astype(np.float32))
-        self.actions.append(action.astype(np.float32))
-        for name, image in observation.images.items():
-            self.images.setdefault(name, []).append(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        return action
-
-
-def record_demos(plan: Sequence[tuple[str, int]], cameras: dict[str, tuple[int, int]],
-                 max_episode_s: float = 20.0) -> list[Demo]:
-    """The scripted operator performing each (task, seed) of `plan` in lock-step, until success or the limit
-    (a recorded episode runs on for its full length; the ticks after success teach little)."""
-    from zk0.agent.lockstep import run_episode
-    from zk0.hw.config import SafetySettings
-    from zk0.hw.safety import SafetyEnvelope, envelope_spec
-    from zk0.hw.sim.lockstep import LockstepSim, OperatorController, follower_limits
-    from zk0.hw.sim.tasks import get_task
-
-    spec = envelope_spec(follower_limits(), SafetySettings(), FPS, ROBOT)
-    sim = LockstepSim(cameras, FPS, ROBOT)
-    recorder = _Recorder(OperatorController(sim))
-    demos = []
-    for task, seed in plan:
-        outcome = run_episode(sim, recorder, SafetyEnvelope(spec), task, seed, int(round(max_episode_s * FPS)))
-        demos.append(Demo(get_task(task).instruction, seed, np.stack(recorder.states), np.stack(recorder.actions),
-                          {name: np.stack(frames) for name, frames in recorder.images.items()}, outcome.success,
-                          np.stack(recorder.scene)))
-    return demos
-
-
-class DemoData:
-    """Demonstrations served as the batches zk0.learn.data.EpisodeData serves (same keys, chunking, padding)."""
-
-    def __init__(self, demos: Sequence[Demo], chunk_size: int):
-        self.demos = [d for d in demos if d.success]  # recorded datasets keep failures too; a base need not
-        if not self.demos:
-            raise ValueError("no successful demonstrations")
-        self.chunk_size = chunk_size
-
-    def frame_index(self) -> list[tuple[int, int]]:
-        return [(k, i) for k, demo in enumerate(self.demos) for i in range(len(demo.state))]
-
-    def batch(self, samples: Sequence[tuple[int, int]]) -> dict[str, Any]:
-        import torch
-
-        offsets = np.arange(self.chunk_size)
-        rows = []
-        for k, i in samples:
-            demo = self.demos[k]
-            idx = i + offsets
-            rows.append((demo, i, np.minimum(idx, len(demo.state) - 1), idx >= len(demo.state)))
-        batch: dict[str, Any] = {
-            STATE: torch.from_numpy(np.stack([d.state[i] for d, i, _, _ in rows])),
-            ACTION: torch.from_numpy(np.stack([d.action[chunk] for d, _, chunk, _ in rows])),
-            "action_is_pad": torch.from_numpy(np.stack([pad for *_, pad in rows])),
-            "task": [d.task for d, *_ in rows],
-        }
-        for camera in self.demos[0].images:
-            frames = np.stack([d.images[camera][i] for d, i, _, _ in rows])
-            batch[IMAGE_PREFIX + camera] = torch.from_numpy(frames).float().div_(255.0)
-        return batch
-
-    def scene_targets(self, samples: Sequence[tuple[int, int]]) -> Any:
-        """(B, SCENE_DIMS) tensor: the scene vector of each sample's tick."""
-        import torch
-
-        return torch.from_numpy(np.stack([self.demos[k].scene[i] for k, i in samples]))
-
-
-def demo_meta(demos: Sequence[Demo], cameras: dict[str, tuple[int, int]]) -> tuple[SimpleNamespace, Any]:
-    """(dataset metadata a policy is built from, zk0 sufficient statistics) of these demonstrations."""
-    from zk0.hw.sim.calibration import MOTOR_NAMES
-    from zk0.learn import stats as fedstats
-
-    names = [f"{name}.pos" for name in MOTOR_NAMES]
-    features: dict[str, Any] = {key: {"dtype": "float32", "shape": (len(names),), "names": names}
-                                for key in (STATE, ACTION)}
-    for camera, (width, height) in cameras.items():
-        features[IMAGE_PREFIX + camera] = {"dtype": "video", "shape": (height, width, 3),
-                                           "names": ["height", "width", "channels"]}
-    stats = fedstats.from_arrays({STATE: np.concatenate([d.state for d in demos]),
-                                  ACTION: np.concatenate([d.action for d in demos])})
-    return SimpleNamespace(features=features, stats=fedstats.to_lerobot_stats(stats)), stats
 
 
 def _quiet():
@@ -388,7 +274,12 @@ def build_sim_base(out: str | Path, recipe: SimBaseRecipe, seed: int = 0,
     if demos is None:
         plan = demo_plan(recipe)
         log(f"recording {len(plan)} scripted demonstrations ({len(task_names(recipe))} tasks)")
-        demos = record_demos(plan, recipe.shape.camera_sizes(), recipe.max_episode_s)
+
+        def recorded(done: int, total: int) -> None:
+            if done % 100 == 0 or done == total:
+                log(f"recorded {done}/{total}, {time.perf_counter() - started:.0f} s")
+
+        demos = record_demos(plan, recipe.shape.camera_sizes(), recipe.max_episode_s, recipe.image_stride, recorded)
     record_s = time.perf_counter() - started
     good = [d for d in demos if d.success]
     log(f"{len(good)}/{len(demos)} successful, {sum(len(d.state) for d in good)} frames, {record_s:.0f} s; "

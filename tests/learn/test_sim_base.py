@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from zk0.agent.validate import VALIDATION_SEED_BASE
-from zk0.learn import sim_base
+from zk0.learn import sim_base, sim_demos
 from zk0.learn.checkpoint import load_checkpoint, read_meta
 
 SMALL = sim_base.with_knobs(sim_base.PRESETS["sim-base"], tasks=("push_red_left",), demos_per_task=1, steps=3,
@@ -70,8 +70,8 @@ def test_command_rebuilds_it_bit_for_bit_from_the_seed_and_another_seed_differs(
 
 def test_pretraining_trains_the_vlm_and_the_saved_base_freezes_it(built, tmp_path):
     out, _ = built
-    demos = sim_base.record_demos(sim_base.demo_plan(SMALL), SMALL.shape.camera_sizes())
-    meta, _ = sim_base.demo_meta(demos, SMALL.shape.camera_sizes())
+    demos = sim_demos.record_demos(sim_base.demo_plan(SMALL), SMALL.shape.camera_sizes())
+    meta, _ = sim_demos.demo_meta(demos, SMALL.shape.camera_sizes())
     fresh = sim_base.new_policy(SMALL.shape, meta, 7, sim_base.pretrain_overrides(SMALL))
     initial = {k: v.clone() for k, v in fresh.policy.state_dict().items()}
     saved = _tensors(out)
@@ -97,32 +97,24 @@ def test_base_loads_with_lerobot_and_fine_tunes_only_the_action_expert(built):
     assert all(torch.equal(lerobot_policy.state_dict()[k], v) for k, v in saved.items())
 
     # a host's data (other scenes, its own normalization), built as `zk0 train --model BASE` builds it
-    demos = sim_base.record_demos([("push_red_left", 0)], SMALL.shape.camera_sizes())
-    meta, stats = sim_base.demo_meta(demos, SMALL.shape.camera_sizes())
+    demos = sim_demos.record_demos([("push_red_left", 0)], SMALL.shape.camera_sizes())
+    meta, stats = sim_demos.demo_meta(demos, SMALL.shape.camera_sizes())
     bundle = seeded_policy_bundle(policy_spec(str(out), "cpu"), meta, 0, stats=fedstats.to_lerobot_stats(stats))
     names = trainable_names(bundle.policy)
     assert names and all(".vlm." not in n for n in names) and any("lm_expert" in n for n in names)
     before = {k: v.clone() for k, v in bundle.policy.state_dict().items()}
     vlm = [k for k in before if ".vlm." in k]
     assert vlm and all(torch.equal(before[k], saved[k]) for k in vlm)  # the pretrained VLM, not a fresh one
-    LocalTrainer(bundle.policy, bundle.preprocessor, sim_base.DemoData(demos, bundle.policy.config.chunk_size),
+    LocalTrainer(bundle.policy, bundle.preprocessor, sim_demos.DemoData(demos, bundle.policy.config.chunk_size),
                  TrainerConfig(batch_size=4)).train(None, 2)
     after = bundle.policy.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in vlm)
     assert any(not torch.equal(after[k], before[k]) for k in names)
 
 
-def test_demo_batches_chunk_and_pad_as_recorded_datasets_do():
-    import numpy as np
-
-    state = np.arange(12, dtype=np.float32).reshape(6, 2)
-    images = {"front": np.zeros((6, 3, 4, 4), dtype=np.uint8)}
-    demo = sim_base.Demo("push the red cube left", 0, state, state + 100, images, True,
-                         np.zeros((6, sim_base.SCENE_DIMS), dtype=np.float32))
-    data = sim_base.DemoData([demo], chunk_size=4)
-    batch = data.batch([(0, 4)])
-    assert batch["action"][0, :, 0].tolist() == [108.0, 110.0, 110.0, 110.0]  # the last action repeats
-    assert batch["action_is_pad"][0].tolist() == [False, False, True, True]
-    assert batch["observation.state"][0].tolist() == [8.0, 9.0]
-    assert batch["observation.images.front"].shape == (1, 3, 4, 4) and batch["task"] == ["push the red cube left"]
-    assert data.scene_targets([(0, 4)]).shape == (1, sim_base.SCENE_DIMS)
+def test_a_cached_base_is_current_only_while_the_preset_it_was_built_with_is(built, monkeypatch):
+    out, _ = built
+    assert sim_base.is_built(out) and not sim_base.is_current(out)  # built with SMALL, not today's preset
+    monkeypatch.setitem(sim_base.PRESETS, "sim-base", SMALL)
+    assert sim_base.is_current(out)
+    assert not sim_base.is_current(out.parent / "nothing-here")
