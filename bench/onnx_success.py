@@ -1,6 +1,6 @@
 """Does an ONNX export succeed as often as the torch policy it came from? Paired simulated episodes.
 
-For a checkpoint (`--checkpoint DIR`, e.g. the sim base `zk0 model sim-base` builds), each backend named by
+For a checkpoint (`--checkpoint DIR`; default the sim base `zk0 model sim-base` caches), each backend named by
 `--backend` (torch, onnxruntime-fp32, onnxruntime-int8: the export `zk0 policy export-onnx` makes, cached as the
 onnxruntime rollout backend caches it) runs the same `--episodes` validation episodes per `--task` in lock-step
 through the default safety envelope, exactly as `zk0 validate --sim` runs them (seeds 1_000_000 + i, the same
@@ -76,10 +76,11 @@ def run(checkpoint: Path, backends: Sequence[str], tasks: Sequence[str], episode
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a lerobot checkpoint folder")
+    parser.add_argument("--checkpoint", type=Path, help="a lerobot checkpoint folder (default: the cached sim base)")
     parser.add_argument("--backend", action="append", choices=sorted(BACKENDS),
                         help="repeatable (default: torch and onnxruntime-int8)")
-    parser.add_argument("--task", action="append", required=True, help="simulated task (repeatable)")
+    parser.add_argument("--task", action="append",
+                        help="simulated task (repeatable; default pick_place_red and push_blue_left)")
     parser.add_argument("--episodes", type=int, default=50, help="paired episodes per task (default 50)")
     parser.add_argument("--max-episode-s", type=float, default=12.0)
     parser.add_argument("--steps", type=int, help="denoising steps of the ONNX backends (default: the checkpoint's)")
@@ -87,8 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error("--episodes must be at least 1")
+    if args.checkpoint is None:
+        from zk0.learn.sim_base import cache_dir, is_current
+
+        args.checkpoint = cache_dir(0)
+        if not is_current(args.checkpoint):
+            parser.error(f"no current sim base at {args.checkpoint}: build it with "
+                         f"`zk0 model sim-base {args.checkpoint}` or pass --checkpoint")
     if not (args.checkpoint / "config.json").is_file():
         parser.error(f"{args.checkpoint} is not a checkpoint folder (no config.json)")
+    args.task = args.task or ["pick_place_red", "push_blue_left"]
     import torch
 
     torch.set_num_threads(args.threads)

@@ -215,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], metavar="NAME[:k=v,...]",
                         help="a configuration: the sim-base preset with these knobs (repeatable; default: the preset)")
-    parser.add_argument("--out", type=Path, required=True, help="where the bases go (one folder per configuration)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/sim_base_search"),
+                        help="where the bases go (one folder per configuration; default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-dir", type=Path, help="judge and fine-tune this base instead of building one "
                                                      "(one --config: the recipe it was built with)")

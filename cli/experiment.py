@@ -33,7 +33,7 @@ from typing import Any
 
 from zk0.cli.experiment_federation import RUNTIMES
 from zk0.cli.experiment_plan import BASE, CENTRAL, FEDERATED, LOCAL
-from zk0.cli.experiment_training import DEFAULT_BASE, PRESETS
+from zk0.cli.experiment_training import PRESETS, default_base
 
 RUNTIME_WHY = {
     "simulation": "Flower's simulation runtime keeps ClientApp actors alive and pulls replies every 0.1 s; each "
@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         description=__doc__.splitlines()[0])
     fl.add_argument("--out", type=Path, required=True, help="output directory (results.json, results.md, plots/)")
     fl.add_argument("--quick", action="store_true", help="a smoke run of every step (minutes, not an hour)")
-    fl.add_argument("--base", default=DEFAULT_BASE, metavar="BASE",
+    fl.add_argument("--base", metavar="BASE",
                     help=f"the policy every arm starts from: {' | '.join(PRESETS)} | a checkpoint directory "
-                         "(default %(default)s)")
+                         f"(default {default_base(quick=False)}; with --quick {default_base(quick=True)})")
     fl.add_argument("--runtime", choices=RUNTIMES, default="simulation",
                     help="Flower runtime of the federated arms (default %(default)s)")
 
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     say = Progress()
     try:
-        results = experiment(config, args.base, args.runtime, out, say, quick_run=args.quick)
+        results = experiment(config, args.base or default_base(args.quick), args.runtime, out, say,
+                             quick_run=args.quick)
     except (RuntimeError, FileNotFoundError, ValueError) as error:
         say(f"zk0 experiment: {error}")
         return 1

@@ -27,6 +27,8 @@ class _Progress:
         self.total, self.done, self.started = total, 0, time.perf_counter()
 
     def __call__(self) -> bool:
+        if self.done == 0:  # the first step: recording the demonstrations came before, not part of the rate
+            self.started = time.perf_counter()
         if self.done % 100 == 0:
             rate = self.done / max(time.perf_counter() - self.started, 1e-9)
             sys.stderr.write(f"\rpretraining {self.done}/{self.total} steps, {rate:.1f} step/s")
