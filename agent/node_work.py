@@ -41,12 +41,13 @@ from flwr.app import Context, MetricRecord, RecordDict
 
 from zk0.agent.client_app import dataset_roots, drill, node_info
 from zk0.learn import codec
-from zk0.learn import stats as fedstats
 from zk0.learn.data import ConcatData, policy_image_size
 from zk0.learn.federation import build_federated_policy, frozen_sha256, held_out_data, stats_from_record, stats_to_record
 from zk0.learn.frame_cache import FrameCache, sized_frame_cache
 from zk0.learn.policy import PolicyBundle
 from zk0.learn.records import GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, STATS_RECORD, UPDATE_RECORD
+from zk0.learn.stats import from_dataset
+from zk0.learn.sufficient_stats import SufficientStats, combine
 
 
 @dataclass
@@ -57,7 +58,7 @@ class NodeSession:
     bundle: PolicyBundle
     train_data: Any
     held_out: dict
-    stats: fedstats.SufficientStats
+    stats: SufficientStats
 
 
 _session: NodeSession | None = None
@@ -161,16 +162,16 @@ def inflate_examples(metrics: Mapping[str, float]) -> dict[str, float]:
     return {**metrics, "num-examples": metrics["num-examples"] * INFLATE_EXAMPLES}
 
 
-def nan_stats(stats: fedstats.SufficientStats) -> fedstats.SufficientStats:
+def nan_stats(stats: SufficientStats) -> SufficientStats:
     """Drill 'stats-nan': the same statistics with NaN means and sums of squares."""
-    return fedstats.SufficientStats({
+    return SufficientStats({
         name: dataclasses.replace(fs, mean=np.full_like(fs.mean, np.nan), m2=np.full_like(fs.m2, np.nan))
         for name, fs in stats.features.items()})
 
 
 def query_content(content: RecordDict, context: Context) -> RecordDict:
     """The statistics reply (the query carries nothing the node needs beyond asking)."""
-    stats = fedstats.combine([fedstats.from_dataset(root) for root in dataset_roots(context)])
+    stats = combine([from_dataset(root) for root in dataset_roots(context)])
     if drill(context) == "stats-nan":
         stats = nan_stats(stats)
     return RecordDict({STATS_RECORD: stats_to_record(stats), INFO_RECORD: node_info(context),

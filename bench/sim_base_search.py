@@ -73,18 +73,19 @@ def finetune(base: Path, demos: Sequence[sim_demos.Demo], cameras: dict[str, tup
              batch_size: int, lr: float | None, seed: int, base_stats: bool = False) -> tuple[Any, dict[str, Any]]:
     """The base fine-tuned on a host's demonstrations the way `zk0 train --model BASE` does it: normalized
     with the host's own statistics, or with `base_stats` the ones the base was pretrained with."""
-    from zk0.learn import stats as fedstats
     from zk0.learn.checkpoint import STATS_FILE
     from zk0.learn.federation import policy_spec
     from zk0.learn.policy import seeded_policy_bundle, trainable_names
+    from zk0.learn.stats import to_lerobot_stats
+    from zk0.learn.sufficient_stats import SufficientStats
     from zk0.learn.trainer import LocalTrainer, TrainerConfig
 
     meta, stats = sim_demos.demo_meta(demos, cameras)
     if base_stats:
         with np.load(base / STATS_FILE) as record:
-            stats = fedstats.SufficientStats.from_record(dict(record))
+            stats = SufficientStats.from_record(dict(record))
     with contextlib.redirect_stdout(sys.stderr):
-        bundle = seeded_policy_bundle(policy_spec(str(base), "cpu"), meta, seed, stats=fedstats.to_lerobot_stats(stats))
+        bundle = seeded_policy_bundle(policy_spec(str(base), "cpu"), meta, seed, stats=to_lerobot_stats(stats))
     trainable = trainable_names(bundle.policy)
     if any(".vlm." in name for name in trainable):
         raise AssertionError("fine-tuning would train the VLM")

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from zk0.learn import stats as fedstats
 from zk0.learn.data import EpisodeData, dataset_stable_id, policy_image_size, split_episodes
 from zk0.learn.frame_cache import FrameCache
 from zk0.learn.policy import PolicyBundle, PolicySpec, seeded_policy_bundle
@@ -27,21 +26,23 @@ from zk0.learn.records import (  # noqa: F401
     DATASET_ID, DECLINED, GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, NODE_NAME, PREEMPTED, QUERY_STATS, STATS_RECORD,
     UPDATE_RECORD,
 )
+from zk0.learn.stats import to_lerobot_stats
+from zk0.learn.sufficient_stats import StatsInvalid, SufficientStats
 
 
-def stats_to_record(stats: fedstats.SufficientStats) -> ArrayRecord:
+def stats_to_record(stats: SufficientStats) -> ArrayRecord:
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in stats.to_record().items()})
 
 
-def stats_from_record(record: ArrayRecord) -> fedstats.SufficientStats:
-    """A node's statistics as sent; anything malformed raises `fedstats.StatsInvalid` (the server refuses it)."""
+def stats_from_record(record: ArrayRecord) -> SufficientStats:
+    """A node's statistics as sent; anything malformed raises `StatsInvalid` (the server refuses it)."""
     arrays = {}
     for key, array in record.items():
         try:
             arrays[key] = array.numpy()
         except Exception as exc:  # untrusted bytes: whatever deserializing them raises, it is a bad record
-            raise fedstats.StatsInvalid(f"stats record array {key!r} is unreadable: {exc}") from None
-    return fedstats.SufficientStats.from_record(arrays)
+            raise StatsInvalid(f"stats record array {key!r} is unreadable: {exc}") from None
+    return SufficientStats.from_record(arrays)
 
 
 # Small chunks keep a tiny-model federation fast on CPU; full models use SmolVLA's own 50.
@@ -53,14 +54,14 @@ def policy_spec(model: str, device: str) -> PolicySpec:
     return PolicySpec(model=model, device=device, chunk_size=chunk, n_action_steps=chunk)
 
 
-def build_federated_policy(model: str, device: str, dataset_root: Path, stats: fedstats.SufficientStats,
+def build_federated_policy(model: str, device: str, dataset_root: Path, stats: SufficientStats,
                            seed: int) -> PolicyBundle:
     """The federation's policy for a dataset's features, normalizing with the agreed `stats`."""
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
     meta = LeRobotDatasetMetadata(f"local/{dataset_root.name}", root=dataset_root)
     # randomly initialised (tiny / full-random) frozen weights must match everywhere
-    return seeded_policy_bundle(policy_spec(model, device), meta, seed, stats=fedstats.to_lerobot_stats(stats))
+    return seeded_policy_bundle(policy_spec(model, device), meta, seed, stats=to_lerobot_stats(stats))
 
 
 def frozen_sha256(policy: torch.nn.Module) -> str:

@@ -153,7 +153,8 @@ class DemoData:
 def demo_meta(demos: Sequence[Demo], cameras: dict[str, tuple[int, int]]) -> tuple[SimpleNamespace, Any]:
     """(dataset metadata a policy is built from, zk0 sufficient statistics) of these demonstrations."""
     from zk0.hw.sim.calibration import MOTOR_NAMES
-    from zk0.learn import stats as fedstats
+    from zk0.learn.stats import to_lerobot_stats
+    from zk0.learn.sufficient_stats import from_arrays
 
     names = [f"{name}.pos" for name in MOTOR_NAMES]
     features: dict[str, Any] = {key: {"dtype": "float32", "shape": (len(names),), "names": names}
@@ -161,6 +162,6 @@ def demo_meta(demos: Sequence[Demo], cameras: dict[str, tuple[int, int]]) -> tup
     for camera, (width, height) in cameras.items():
         features[IMAGE_PREFIX + camera] = {"dtype": "video", "shape": (height, width, 3),
                                            "names": ["height", "width", "channels"]}
-    stats = fedstats.from_arrays({STATE: np.concatenate([d.state for d in demos]),
-                                  ACTION: np.concatenate([d.action for d in demos])})
-    return SimpleNamespace(features=features, stats=fedstats.to_lerobot_stats(stats)), stats
+    stats = from_arrays({STATE: np.concatenate([d.state for d in demos]),
+                         ACTION: np.concatenate([d.action for d in demos])})
+    return SimpleNamespace(features=features, stats=to_lerobot_stats(stats)), stats

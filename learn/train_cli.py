@@ -74,13 +74,14 @@ class _Progress:
 def run(args: argparse.Namespace) -> int:
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    from zk0.learn import stats as fedstats
     from zk0.learn.checkpoint import CheckpointMeta, save_checkpoint
     from zk0.learn.data import ConcatData, policy_image_size
     from zk0.learn.frame_cache import sized_frame_cache
     from zk0.learn.evaluate import evaluate_datasets
     from zk0.learn.federation import held_out_data
     from zk0.learn.policy import PolicySpec, seeded_policy_bundle
+    from zk0.learn.stats import from_dataset, to_lerobot_stats
+    from zk0.learn.sufficient_stats import combine
     from zk0.learn.trainer import LocalTrainer, TrainerConfig
 
     roots = [Path(r) for r in args.dataset]
@@ -93,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    combined = fedstats.combine([fedstats.from_dataset(root) for root in roots])
+    combined = combine([from_dataset(root) for root in roots])
     meta = LeRobotDatasetMetadata(f"local/{roots[0].name}", root=roots[0])
     bundle = seeded_policy_bundle(PolicySpec(model=args.model, device=args.device), meta, args.seed,
-                                  stats=fedstats.to_lerobot_stats(combined))
+                                  stats=to_lerobot_stats(combined))
     config = bundle.policy.config
     cache = sized_frame_cache(policy_image_size(config), roots, disk_dir=None)
     train_parts, held_out = held_out_data(roots, config, args.eval_fraction, cache=cache)

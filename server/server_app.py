@@ -29,9 +29,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from zk0.learn import stats as fedstats
 from zk0.learn.checkpoint import CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
 from zk0.learn.policy import load_trainable_state, trainable_state
+from zk0.learn.sufficient_stats import StatsInvalid, StatsMismatch, SufficientStats, combine
 from zk0.server.config import ServerConfig, server_config_from_run_config
 from zk0.learn.federation import (
     INFO_RECORD, QUERY_STATS, STATS_RECORD, build_federated_policy, frozen_sha256, stats_from_record,
@@ -58,7 +58,7 @@ class StatsAnswer:
     reason: str = ""
     name: str = ""
     dataset_id: str = ""
-    stats: fedstats.SufficientStats | None = field(default=None, compare=False, repr=False)
+    stats: SufficientStats | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, str]:
         return {"name": self.name, "dataset_id": self.dataset_id, "outcome": str(self.outcome), "reason": self.reason}
@@ -79,7 +79,7 @@ def judge_stats_reply(reply: Message) -> StatsAnswer:
         return StatsAnswer(Outcome.REJECTED, "reply carries no statistics", name, dataset_id)
     try:
         stats = stats_from_record(record)
-    except fedstats.StatsInvalid as err:
+    except StatsInvalid as err:
         return StatsAnswer(Outcome.REJECTED, err.reason, name, dataset_id)
     return StatsAnswer(Outcome.ACCEPTED, "", name, dataset_id, stats)
 
@@ -88,7 +88,7 @@ def judge_stats_reply(reply: Message) -> StatsAnswer:
 class Normalization:
     """The agreed statistics, the datasets they cover and every queried node's answer."""
 
-    stats: fedstats.SufficientStats
+    stats: SufficientStats
     dataset_ids: list[str]
     nodes: dict[int, StatsAnswer]
 
@@ -99,17 +99,17 @@ class Normalization:
 
 def combine_answers(
     answers: Mapping[int, StatsAnswer],
-) -> tuple[dict[int, StatsAnswer], dict[str, fedstats.SufficientStats]]:
+) -> tuple[dict[int, StatsAnswer], dict[str, SufficientStats]]:
     """(every node's final answer, the accepted statistics by dataset id). Each dataset counts once (two nodes
     may report the same data); an answer whose statistics do not combine with those before it is rejected."""
     nodes = dict(answers)
-    by_dataset: dict[str, fedstats.SufficientStats] = {}
+    by_dataset: dict[str, SufficientStats] = {}
     for node_id, answer in answers.items():
         if answer.stats is None or answer.dataset_id in by_dataset:
             continue
         try:
-            fedstats.combine([*by_dataset.values(), answer.stats])
-        except fedstats.StatsMismatch as err:
+            combine([*by_dataset.values(), answer.stats])
+        except StatsMismatch as err:
             nodes[node_id] = StatsAnswer(Outcome.REJECTED, f"statistics do not combine with the others: {err}",
                                          answer.name, answer.dataset_id)
             continue
@@ -133,7 +133,7 @@ def agree_normalization(grid: Grid, min_nodes: int, timeout_s: float) -> Normali
     accepted = len(nodes) - len(refused)
     if accepted < min_nodes:
         raise FederationAborted(f"normalization: {accepted} valid statistics answers, {min_nodes} needed")
-    agreement = Normalization(fedstats.combine(list(by_dataset.values())), sorted(by_dataset), nodes)
+    agreement = Normalization(combine(list(by_dataset.values())), sorted(by_dataset), nodes)
     log.info("normalization agreed over %d nodes, %d datasets, %d frames", accepted, len(by_dataset),
              agreement.stats.count)
     return agreement
@@ -168,7 +168,7 @@ def run_federation(grid: Grid, config: ServerConfig) -> int:
         stats, dataset_ids, normalization = agreement.stats, agreement.dataset_ids, agreement.to_json()
         history = start_history(agreement)
     else:
-        stats = fedstats.SufficientStats.from_record(dict(np.load(run.checkpoint_dir(last) / "zk0_stats.npz")))
+        stats = SufficientStats.from_record(dict(np.load(run.checkpoint_dir(last) / "zk0_stats.npz")))
         dataset_ids = list(metrics.get("dataset_ids", []))
         normalization = metrics.get("normalization", {})
         history = FederationHistory.from_json(metrics.get("history", {}))

@@ -17,8 +17,8 @@ from tests.agent.test_lease import NODE_ID, _context, federation, normal_schedul
 from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
 from zk0.agent import client_app, node_work
 from zk0.learn import codec
-from zk0.learn import stats as fedstats
 from zk0.learn.federation import DATASET_ID, NODE_NAME, QUERY_STATS, STATS_RECORD
+from zk0.learn.sufficient_stats import StatsInvalid, SufficientStats, from_arrays
 
 
 @pytest.fixture
@@ -76,11 +76,11 @@ def test_inflate_examples_drill_claims_a_thousand_times_the_examples() -> None:
 
 def test_stats_nan_drill_is_refused_by_the_server_reading(tmp_path: Path) -> None:
     frames = {"observation.state": np.random.default_rng(0).normal(size=(20, 6)), "action": np.ones((20, 6))}
-    stats = fedstats.from_arrays(frames)
+    stats = from_arrays(frames)
     drilled = node_work.nan_stats(stats)
     assert drilled.count == stats.count and all(np.isnan(fs.mean).all() for fs in drilled.features.values())
-    with pytest.raises(fedstats.StatsInvalid):
-        fedstats.SufficientStats.from_record(drilled.to_record())
+    with pytest.raises(StatsInvalid):
+        SufficientStats.from_record(drilled.to_record())
 
 
 def test_unknown_drill_is_refused() -> None:

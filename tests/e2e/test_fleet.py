@@ -89,7 +89,7 @@ def test_fleet_local_three_rounds_with_drill_nodes(drill_fleet, datasets):
     assert "rejected update from node" in (run / "server.log").read_text()
     assert {p.name for p in (run / "plots").iterdir()} >= {"server_eval_loss.png", "lr_mu.png"}
 
-    from zk0.learn.stats import SufficientStats
+    from zk0.learn.sufficient_stats import SufficientStats
 
     saved = SufficientStats.from_record(dict(np.load(run / "checkpoints" / "round_3" / "zk0_stats.npz")))
     for feature, (mean, var, count) in _union_stats(datasets).items():

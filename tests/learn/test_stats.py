@@ -10,16 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from zk0.learn.stats import (
-    HistogramSpec,
-    StatsMismatch,
-    SufficientStats,
-    combine,
-    from_arrays,
-    from_dataset,
-    to_lerobot_stats,
-    with_stats,
-)
+from zk0.learn.stats import from_dataset, to_lerobot_stats, with_stats
+from zk0.learn.sufficient_stats import HistogramSpec, StatsMismatch, SufficientStats, combine, from_arrays
 
 SPEC = HistogramSpec(-100.0, 100.0, 400)
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zk0.learn.federation import stats_from_record, stats_to_record
-from zk0.learn.stats import HistogramSpec, StatsInvalid, StatsMismatch, SufficientStats, from_arrays
+from zk0.learn.sufficient_stats import HistogramSpec, StatsInvalid, StatsMismatch, SufficientStats, from_arrays
 
 SPEC = HistogramSpec(-10.0, 10.0, 8)
 

@@ -8,17 +8,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.common.constant import ErrorCode
 
 from tests.server.flower_app import AnsweringGrid, serverapp_identity
-from zk0.learn import stats as fedstats
 from zk0.learn.federation import DATASET_ID, INFO_RECORD, NODE_NAME, STATS_RECORD, stats_to_record
+from zk0.learn.sufficient_stats import SufficientStats, combine, from_arrays
 from zk0.server import server_app
 from zk0.server.server_app import StatsAnswer, agree_normalization, judge_stats_reply, start_history
 from zk0.server.strategy import FederationAborted, Outcome
 
 
-def _stats(offset: float, frames: int = 6) -> fedstats.SufficientStats:
+def _stats(offset: float, frames: int = 6) -> SufficientStats:
     rng = np.random.default_rng(int(offset))
-    return fedstats.from_arrays({"observation.state": rng.normal(offset, 1.0, (frames, 3)),
-                                 "action": rng.normal(offset, 2.0, (frames, 3))}, histogram=None)
+    return from_arrays({"observation.state": rng.normal(offset, 1.0, (frames, 3)),
+                        "action": rng.normal(offset, 2.0, (frames, 3))}, histogram=None)
 
 
 def _nan_record() -> ArrayRecord:
@@ -91,7 +91,7 @@ def test_normalization_combines_the_valid_answers_and_records_every_node(caplog)
     with serverapp_identity(), caplog.at_level("INFO", logger="zk0.server"):
         agreement = agree_normalization(AnsweringGrid([1, 2, 3, 4, 5, 6], _fleet_answers), min_nodes=2, timeout_s=60)
     assert agreement.dataset_ids == ["dsA", "dsB"]
-    expected = fedstats.combine([_stats(1.0), _stats(5.0)]).to_record()  # dsA counted once
+    expected = combine([_stats(1.0), _stats(5.0)]).to_record()  # dsA counted once
     assert agreement.stats.to_record().keys() == expected.keys()
     for key, value in expected.items():
         np.testing.assert_array_equal(agreement.stats.to_record()[key], value)
@@ -113,7 +113,7 @@ def test_normalization_combines_the_valid_answers_and_records_every_node(caplog)
 def test_statistics_that_do_not_combine_are_rejected(query):
     def answers(message):
         node = message.metadata.dst_node_id
-        stats = _stats(1.0) if node == 1 else fedstats.from_arrays({"other": np.ones((4, 2))}, histogram=None)
+        stats = _stats(1.0) if node == 1 else from_arrays({"other": np.ones((4, 2))}, histogram=None)
         return _answer(message, {DATASET_ID: f"ds{node}"}, stats_to_record(stats))
 
     with serverapp_identity():
