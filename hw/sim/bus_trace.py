@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from zk0.hw.sim.feetech import CONTROL_TABLE, SIGN_BITS, decode_sign_magnitude
+from zk0.hw.sim.feetech_protocol import CONTROL_TABLE, SIGN_BITS, decode_sign_magnitude
 
 TRACED_REGISTERS = ("Goal_Position", "Torque_Enable")
 FLUSH_INTERVAL_S = 0.1

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zk0.hw.sim.feetech import RESOLUTION, FeetechBus
+from zk0.hw.sim.feetech import FeetechBus
+from zk0.hw.sim.feetech_protocol import RESOLUTION
 
 MOTOR_NAMES = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 MOTOR_IDS = tuple(range(1, len(MOTOR_NAMES) + 1))

@@ -1,9 +1,8 @@
-"""Simulated Feetech STS3215 servos on one bus: protocol-0 packets, control table, motion model, faults.
+"""Simulated Feetech STS3215 servos on one bus: memory image, motion model, fault injection, dispatch.
 
-The control table (addresses and sizes) and the sign-magnitude encodings are lerobot's own
-(`lerobot/motors/feetech/tables.py`, `lerobot/motors/encoding_utils.py`). Both files are import-free, so
-they are loaded straight from their paths: importing the `lerobot` package would pull in torch, and a
-simulated arm must start in well under a second.
+Packets and the control table live in `zk0.hw.sim.feetech_protocol`; here each servo keeps a memory image
+laid out by that table and moves its shaft like an STS3215, and the bus answers each instruction as real
+servos do, with injectable faults (dropped or garbled replies, error bits).
 
 Everything here is pure and clock-free: callers pass the time (`advance(now)`), which keeps the
 model deterministic under test and lets the pty server integrate motion lazily, exactly when a packet
@@ -12,39 +11,32 @@ arrives, instead of ticking a timer.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 
+from zk0.hw.sim.feetech_protocol import (
+    BAUDRATE_CODES,
+    BROADCAST_ID,
+    CONTROL_TABLE,
+    INST_ACTION,
+    INST_PING,
+    INST_READ,
+    INST_REG_WRITE,
+    INST_SYNC_READ,
+    INST_SYNC_WRITE,
+    INST_WRITE,
+    MODEL_NUMBER,
+    RESOLUTION,
+    SIGN_BITS,
+    Instruction,
+    decode_sign_magnitude,
+    encode_sign_magnitude,
+    status_packet,
+)
 
-def _load_lerobot_file(relative: str) -> ModuleType:
-    spec = importlib.util.find_spec("lerobot")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("lerobot is not installed; the simulated bus reads its Feetech control table")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    module_spec = importlib.util.spec_from_file_location(f"_zk0_lerobot_{path.stem}", path)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-_TABLES = _load_lerobot_file("motors/feetech/tables.py")
-_ENCODING = _load_lerobot_file("motors/encoding_utils.py")
-encode_sign_magnitude = _ENCODING.encode_sign_magnitude
-decode_sign_magnitude = _ENCODING.decode_sign_magnitude
-
-MODEL = "sts3215"
-CONTROL_TABLE: dict[str, tuple[int, int]] = _TABLES.MODEL_CONTROL_TABLE[MODEL]
-SIGN_BITS: dict[str, int] = _TABLES.MODEL_ENCODING_TABLE[MODEL]
-MODEL_NUMBER: int = _TABLES.MODEL_NUMBER_TABLE[MODEL]
-RESOLUTION: int = _TABLES.MODEL_RESOLUTION[MODEL]
-BAUDRATE_CODES: dict[int, int] = _TABLES.MODEL_BAUDRATE_TABLE[MODEL]
 # Everything below Torque_Enable is EPROM; Present_* and friends are written by the servo only.
 EPROM_END = CONTROL_TABLE["Torque_Enable"][0]
 READ_ONLY = frozenset(
@@ -56,12 +48,6 @@ _READ_ONLY_ADDRESSES = frozenset(
     CONTROL_TABLE[name][0] + i for name in READ_ONLY for i in range(CONTROL_TABLE[name][1])
 )
 MEMORY_SIZE = 256
-
-# Protocol 0 (scservo_sdk/scservo_def.py).
-BROADCAST_ID = 0xFE
-INST_PING, INST_READ, INST_WRITE, INST_REG_WRITE, INST_ACTION = 1, 2, 3, 4, 5
-INST_SYNC_READ, INST_SYNC_WRITE = 0x82, 0x83
-ERRBIT_VOLTAGE, ERRBIT_ANGLE, ERRBIT_OVERHEAT, ERRBIT_OVERELE, ERRBIT_OVERLOAD = 1, 2, 4, 8, 32
 
 FACTORY_DEFAULTS: dict[str, int] = {
     "Firmware_Major_Version": 3,
@@ -104,66 +90,6 @@ FACTORY_DEFAULTS: dict[str, int] = {
 MAX_SPEED_TICKS_S = 3000.0
 ACCELERATION_UNIT_TICKS_S2 = 100.0  # the Acceleration register counts 100 steps/s^2
 TORQUE_OFF_DRIFT_TICKS = 0.6  # random-walk scale (ticks per sqrt(s)) of an unpowered, back-driven joint
-
-
-def checksum(body: bytes | bytearray) -> int:
-    """Protocol-0 checksum over ID, LENGTH, INSTRUCTION/ERROR and parameters."""
-    return ~sum(body) & 0xFF
-
-
-def status_packet(servo_id: int, error: int, params: bytes = b"") -> bytes:
-    body = bytes([servo_id, len(params) + 2, error]) + params
-    return b"\xff\xff" + body + bytes([checksum(body)])
-
-
-def instruction_packet(servo_id: int, instruction: int, params: bytes = b"") -> bytes:
-    body = bytes([servo_id, len(params) + 2, instruction]) + params
-    return b"\xff\xff" + body + bytes([checksum(body)])
-
-
-@dataclass(frozen=True)
-class Instruction:
-    servo_id: int
-    code: int
-    params: bytes
-
-
-class PacketParser:
-    """Splits a byte stream into instruction packets; drops noise and packets with a bad checksum."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self.rejected = 0
-
-    def feed(self, data: bytes) -> list[Instruction]:
-        self._buffer += data
-        packets: list[Instruction] = []
-        while True:
-            start = self._buffer.find(b"\xff\xff")
-            if start < 0:
-                # Keep a trailing 0xFF: it may be the first half of the next header.
-                del self._buffer[: max(0, len(self._buffer) - 1)]
-                return packets
-            del self._buffer[:start]
-            # Real servos tolerate runs of 0xFF before the ID.
-            while len(self._buffer) > 2 and self._buffer[2] == 0xFF:
-                del self._buffer[0]
-            if len(self._buffer) < 4:
-                return packets
-            length = self._buffer[3]
-            total = length + 4
-            if length < 2:
-                del self._buffer[:2]
-                self.rejected += 1
-                continue
-            if len(self._buffer) < total:
-                return packets
-            packet = bytes(self._buffer[:total])
-            del self._buffer[:total]
-            if packet[-1] != checksum(packet[2:-1]):
-                self.rejected += 1
-                continue
-            packets.append(Instruction(packet[2], packet[4], packet[5:-1]))
 
 
 @dataclass

@@ -14,7 +14,8 @@ import time
 import tty
 from dataclasses import dataclass
 
-from zk0.hw.sim.feetech import FeetechBus, PacketParser
+from zk0.hw.sim.feetech import FeetechBus
+from zk0.hw.sim.feetech_protocol import PacketParser
 
 BITS_PER_BYTE = 10  # 8N1: start + 8 data + stop
 # Above a recorder's control loop (20 by default): simulated servos answer whatever the host is doing.

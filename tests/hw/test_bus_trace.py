@@ -11,7 +11,7 @@ from lerobot.robots.so_follower import SOFollower, SOFollowerRobotConfig
 
 from zk0.hw.sim.bus_trace import BusTrace, traced_values
 from zk0.hw.sim.calibration import MOTOR_NAMES, arm_calibration, calibrated_arm_bus, joints_to_ticks
-from zk0.hw.sim.feetech import (
+from zk0.hw.sim.feetech_protocol import (
     BROADCAST_ID,
     CONTROL_TABLE,
     INST_ACTION,

@@ -7,7 +7,8 @@ import time
 import pytest
 import scservo_sdk as scs
 
-from zk0.hw.sim.feetech import (
+from zk0.hw.sim.feetech import FeetechBus, Servo, step_toward
+from zk0.hw.sim.feetech_protocol import (
     BROADCAST_ID,
     CONTROL_TABLE,
     ERRBIT_OVERHEAT,
@@ -15,11 +16,8 @@ from zk0.hw.sim.feetech import (
     INST_PING,
     INST_REG_WRITE,
     MODEL_NUMBER,
-    FeetechBus,
     PacketParser,
-    Servo,
     instruction_packet,
-    step_toward,
 )
 from zk0.hw.sim.pty_bus import LinkConfig, PtyBusServer
 from tests.hw.conftest import ping_retrying

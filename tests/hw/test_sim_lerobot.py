@@ -22,7 +22,7 @@ from zk0.hw.sim.calibration import (
     joints_to_ticks,
     ticks_to_joints,
 )
-from zk0.hw.sim.feetech import ERRBIT_OVERLOAD
+from zk0.hw.sim.feetech_protocol import ERRBIT_OVERLOAD
 from zk0.hw.sim.pty_bus import PtyBusServer
 from tests.hw.conftest import connect_retrying
 

@@ -15,7 +15,7 @@ from lerobot.teleoperators.utils import make_teleoperator_from_config
 from zk0.hw.config import ArmConfig, CameraConfig
 from zk0.hw.robots import connect_without_prompt, make_follower
 from zk0.hw.sim.cameras import subscription_count
-from zk0.hw.sim.feetech import ERRBIT_OVERHEAT
+from zk0.hw.sim.feetech_protocol import ERRBIT_OVERHEAT
 from zk0.hw.sim.rig import RigError, RigHandle, rig_serves, teleoperate_episode
 from zk0.hw.sim.tasks import TASKS
 from tests.hw.conftest import connect_retrying
