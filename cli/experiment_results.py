@@ -14,6 +14,8 @@ from zk0.cli.experiment_plan import BASE, CENTRAL, FEDAVG, FEDERATED, FEDPROX, L
 
 HOSTS_COLUMN = "hosts' tasks"
 TARGETS = {"central_success": 0.70, "fedprox_of_central": 0.90, "retention_points": 0.10}
+# Success rates are ratios of counts: 9/100 against 0.9 x 10/100 is a tie, which float rounding must not break.
+TIE = 1e-9
 
 
 def task_entry(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,10 +91,10 @@ def criteria(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Issue #13's done-when checks on a run's results: each {met, detail}."""
     central, fedprox, fedavg = (_rate(results, a, HOSTS_COLUMN) for a in (CENTRAL, FEDPROX, FEDAVG))
     checks: dict[str, dict[str, Any]] = {
-        "central_at_least_70pct": {"met": central is not None and central >= TARGETS["central_success"],
+        "central_at_least_70pct": {"met": central is not None and central + TIE >= TARGETS["central_success"],
                                    "detail": f"centralized {central} on the hosts' tasks (target >= 0.70)"},
         "fedprox_at_least_90pct_of_central": {
-            "met": None not in (central, fedprox) and fedprox >= TARGETS["fedprox_of_central"] * central
+            "met": None not in (central, fedprox) and fedprox + TIE >= TARGETS["fedprox_of_central"] * central
             and central > 0,
             "detail": f"fedprox {fedprox} vs 0.9 x centralized {central}"},
         "fedprox_at_least_fedavg": {"met": None not in (fedprox, fedavg) and fedprox >= fedavg,
@@ -101,8 +103,8 @@ def criteria(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     base_unseen = _rate(results, BASE, "unseen tasks")
     kept = {arm: _rate(results, arm, "unseen tasks") for arm in (CENTRAL, *FEDERATED)}
     checks["unseen_task_within_10_points_of_base"] = {
-        "met": base_unseen is not None and all(v is not None and abs(v - base_unseen) <= TARGETS["retention_points"]
-                                               for v in kept.values()),
+        "met": base_unseen is not None and all(
+            v is not None and abs(v - base_unseen) <= TARGETS["retention_points"] + TIE for v in kept.values()),
         "detail": f"base {base_unseen}; " + ", ".join(f"{arm} {v}" for arm, v in kept.items())}
     local = {}
     for arm, entry in results["arms"].items():
