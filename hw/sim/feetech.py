@@ -37,8 +37,7 @@ from zk0.hw.sim.feetech_protocol import (
     status_packet,
 )
 
-# Everything below Torque_Enable is EPROM; Present_* and friends are written by the servo only.
-EPROM_END = CONTROL_TABLE["Torque_Enable"][0]
+# Present_* and friends are written by the servo only.
 READ_ONLY = frozenset(
     {"Firmware_Major_Version", "Firmware_Minor_Version", "Model_Number", "Present_Position",
      "Present_Velocity", "Present_Load", "Present_Voltage", "Present_Temperature", "Status", "Moving",
