@@ -165,12 +165,14 @@ def _rollout(config, args: argparse.Namespace) -> int:
             observation = enveloped.get_observation()
         warm_s = warm_up(bundle, observation, features, args.task, robot.robot_type, args.device)
         source = make_source(config.rollout.inference, bundle, enveloped, features, args.task, fps, args.device)
-        print(f"zk0 rollout: policy {version} ({config.rollout.inference} inference, warm-up {warm_s:.2f} s), "
+        print(f"zk0 rollout: policy {version} ({config.rollout.inference} inference on {config.rollout.backend}, "
+              f"warm-up {warm_s:.2f} s), "
               f"{args.episodes} episode(s) of {plan.episode_time_s:g} s at {fps} fps", flush=True)
         summary = Rollout(enveloped, source, plan, estop, environment, store, status, takeover).run()
         print_summary(summary)
         if args.report:
-            args.report.write_text(json.dumps({"policy": version, "inference": config.rollout.inference, "fps": fps,
+            args.report.write_text(json.dumps({"policy": version, "inference": config.rollout.inference,
+                                               "backend": config.rollout.backend, "fps": fps,
                                                "stopped": summary.stopped, "warm_up_s": warm_s,
                                                "episodes": [dataclasses.asdict(e) for e in summary.episodes]}, indent=1))
         if summary.stopped is None:
