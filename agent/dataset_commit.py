@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from lerobot.datasets.utils import DEFAULT_TASKS_PATH, INFO_PATH, STATS_PATH
 
+from zk0.learn.checkpoint import ATOMIC_TMP_GLOB, write_file_atomic
 from zk0.learn.data import DATASET_ID_KEY, ZK0_META_PATH, derived_dataset_id
 
 ZK0_META_FORMAT = 1
@@ -222,16 +223,6 @@ def _video_duration(path: Path) -> float | None:
 # ---------------------------------------------------------------- repair and commit (writes)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -261,6 +252,7 @@ def _leftovers(root: Path) -> list[Path]:
         *(p for p in root.glob("tmp*") if p.is_dir()),
         *([root / "images"] if (root / "images").exists() else []),
         *root.rglob("*.tmp"),
+        *root.rglob(ATOMIC_TMP_GLOB),
     ]
 
 
@@ -289,7 +281,7 @@ def read_commit(root: Path) -> CommitRecord | None:
 
 
 def write_commit(root: Path, record: CommitRecord) -> None:
-    _atomic_write(root / ZK0_META_PATH, json.dumps(record.to_json(), indent=1).encode())
+    write_file_atomic(root / ZK0_META_PATH, json.dumps(record.to_json(), indent=1).encode())
 
 
 def snapshot_commit(root: Path, identity: DatasetIdentity, episodes: list[EpisodeMeta], dataset_id: str,
@@ -368,9 +360,9 @@ def check_and_repair(root: Path) -> tuple[CommitRecord | None, RepairReport]:
 
 
 def _restore_metadata(root: Path, record: CommitRecord) -> None:
-    _atomic_write(root / INFO_PATH, json.dumps(record.info, indent=4).encode())
+    write_file_atomic(root / INFO_PATH, json.dumps(record.info, indent=4).encode())
     if record.stats is not None:
-        _atomic_write(root / STATS_PATH, json.dumps(record.stats, indent=4).encode())
+        write_file_atomic(root / STATS_PATH, json.dumps(record.stats, indent=4).encode())
     elif (root / STATS_PATH).exists():
         (root / STATS_PATH).unlink()
     if record.tasks:

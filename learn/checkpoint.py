@@ -80,6 +80,9 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+ATOMIC_TMP_GLOB = ".*.tmp-*"  # what an interrupted write_file_atomic / write_dir_atomic leaves behind
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` in one step (tmp + fsync + rename + fsync of the folder): a crash leaves the
     old content or the new, never a torn file."""

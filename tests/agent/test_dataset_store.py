@@ -68,12 +68,13 @@ def test_rolls_back_uncommitted_tail_and_appends(tmp_path: Path) -> None:
     dataset.finalize()
     (tmp_path / NAME / "tmpencoder").mkdir()
     (tmp_path / NAME / "data" / "chunk-000" / "file-009.parquet.tmp").write_bytes(b"PAR1")
+    (tmp_path / NAME / "meta" / ".zk0.json.tmp-4242").write_bytes(b"{")  # a commit record's interrupted write
     assert json.loads((tmp_path / NAME / "meta/info.json").read_text())["total_episodes"] == 2
 
     reopened, report = DatasetStore.open(tmp_path, NAME, FEATURES, 30, IDENTITY)
     assert reopened.num_episodes == 1
     assert any(path.startswith("data/") for path in report.removed)
-    assert {"tmpencoder", "data/chunk-000/file-009.parquet.tmp"} <= set(report.removed)
+    assert {"tmpencoder", "data/chunk-000/file-009.parquet.tmp", "meta/.zk0.json.tmp-4242"} <= set(report.removed)
     assert _load(tmp_path).num_episodes == 1
 
     _add_episode(reopened, 1)
