@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, help="episodes each host records (default 4)")
     parser.add_argument("--validation-episodes", type=int, help="paired validation episodes per host (default 4)")
     parser.add_argument("--local-steps", type=int, help="training steps per host and round (default 20)")
-    parser.add_argument("--model", help="auto (the sim base once built, else tiny), tiny, sim-base (built on first "
-                                        "use: long) or a checkpoint directory (default auto)")
+    parser.add_argument("--model", help="sim-base (built into the cache on first use: ~8.5 min), tiny (runs every "
+                                        "step but never succeeds) or a checkpoint directory (default sim-base)")
     parser.add_argument("--full", action="store_true",
                         help="the full-size path: sim base, 20 episodes, 10 rounds of 200 steps, 20 validation "
                              "episodes per host (an hour or more on 2 cores); other options still override")

@@ -33,8 +33,7 @@ import yaml
 
 from zk0.cli.demo_hosts import DemoHost, HostError
 from zk0.cli.demo_plan import (
-    AUTO_MODEL, DATASET, SIM_BASE_SEED, DemoSettings, agent_config, default_model, host_plans, server_yaml,
-    sim_base_dir,
+    DATASET, SIM_BASE_SEED, DemoSettings, agent_config, host_plans, server_yaml, sim_base_dir,
 )
 from zk0.cli.demo_summary import BASE_RUN, event_line, host_row, rollout_outcome, table, write_plots
 
@@ -319,8 +318,6 @@ def resolve_model(model: str, out: Path) -> str:
     """The federation's `model`: tiny, or a checkpoint directory (the sim base, built on first use)."""
     from zk0.learn.sim_base import is_current
 
-    if model == AUTO_MODEL:
-        model = default_model(is_current(sim_base_dir()))
     if model != "sim-base":
         return model
     from zk0.cli.experiment_training import cached_sim_base

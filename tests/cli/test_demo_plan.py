@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from zk0.cli.demo_plan import (
-    FULL, HOST_SEED_STRIDE, DemoSettings, agent_config, default_model, host_plans, host_tasks, server_yaml,
+    FULL, HOST_SEED_STRIDE, DemoSettings, agent_config, host_plans, host_tasks, server_yaml,
     settings_from, sim_base_dir, split_episodes,
 )
 from zk0.hw.sim.tasks import TASKS
@@ -54,8 +54,8 @@ def test_settings_take_the_given_options_only() -> None:
         settings_from({"hosts": 0}, full=False)
 
 
-def test_auto_model_is_the_sim_base_once_built(tmp_path: Path) -> None:
-    assert default_model(sim_base_built=True) == "sim-base" and default_model(sim_base_built=False) == "tiny"
+def test_the_demo_starts_from_the_sim_base_shared_through_the_cache(tmp_path: Path) -> None:
+    assert DemoSettings().model == "sim-base"
     assert sim_base_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "zk0" / "sim-base" / "seed-0"
     assert sim_base_dir({"HOME": "/home/u"}) == Path("/home/u/.cache/zk0/sim-base/seed-0")
 
