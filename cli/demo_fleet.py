@@ -324,5 +324,6 @@ def resolve_model(model: str, out: Path) -> str:
 
     if not is_current(sim_base_dir()):
         print(f"zk0 demo: building the sim base into {sim_base_dir()} (once; log {out / 'sim-base.log'})", flush=True)
-    return str(cached_sim_base(SIM_BASE_SEED, out / "sim-base.log"))
+    return str(cached_sim_base(SIM_BASE_SEED, out / "sim-base.log",
+                               lambda line: print(f"zk0 demo: building the sim base: {line}", flush=True)))
 

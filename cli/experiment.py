@@ -115,7 +115,7 @@ def experiment(config, base_name: str, runtime: str, out: Path, say: Progress, q
     hosts = {h.name: {"tasks": list(h.tasks), **demonstration_summary(datasets[h.name])} for h in config.hosts}
     say("recorded: " + ", ".join(f"{n} {h['successes']}/{h['episodes']} successful" for n, h in hosts.items()))
     union = [root for roots in datasets.values() for root in roots]
-    base = prepare_base(base_name, out, union, config.seed)
+    base = prepare_base(base_name, out, union, config.seed, lambda line: say(f"building the sim base: {line}"))
     config = replace(config, fedavg_lr=fine_tuning_lr(base))
     say(f"base {base_name}: {base} (fine-tuning LR {config.fedavg_lr:g})")
 

@@ -16,10 +16,11 @@ normalization statistics.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,32 +33,58 @@ def default_base(quick: bool) -> str:
     return "tiny" if quick else "sim-base"
 
 
-def _zk0(args: Sequence[str], log_path: Path) -> None:
+# what `zk0 model sim-base` logs as it goes (zk0.learn.sim_base, zk0.learn.model_cli)
+_BUILD_PROGRESS = re.compile(r"recorded \d+/\d+|pretraining \d+/\d+ steps")
+
+
+def last_progress(log_text: str) -> str | None:
+    """The latest progress fragment in a sim-base build's log, if any."""
+    found = _BUILD_PROGRESS.findall(log_text)
+    return found[-1] if found else None
+
+
+def _zk0(args: Sequence[str], log_path: Path, progress: Callable[[str], None] | None = None,
+         every_s: float = 30.0) -> None:
+    """`zk0 ARGS` as a child logging to `log_path`; with `progress`, its latest progress line every `every_s`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        result = subprocess.run([sys.executable, "-m", "zk0.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise RuntimeError(f"zk0 {' '.join(args[:2])} exited {result.returncode}; see {log_path}")
+        child = subprocess.Popen([sys.executable, "-m", "zk0.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    returncode = child.wait(timeout=every_s if progress else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    line = last_progress(log_path.read_text(errors="replace"))
+                    if line and progress:
+                        progress(line)
+        finally:
+            if child.poll() is None:  # interrupted: the build must not outlive the command that started it
+                child.kill()
+                child.wait()
+    if returncode != 0:
+        raise RuntimeError(f"zk0 {' '.join(args[:2])} exited {returncode}; see {log_path}")
 
 
-def cached_sim_base(seed: int, log_path: Path) -> Path:
+def cached_sim_base(seed: int, log_path: Path, progress: Callable[[str], None] | None = None) -> Path:
     """The sim base built from `seed`, from zk0's cache (built there by `zk0 model sim-base` on first use, in a
     process of its own, logging to `log_path`); `zk0 demo` and `zk0 experiment` share it."""
     from zk0.learn.sim_base import cache_dir, is_current
 
     checkpoint = cache_dir(seed)
     if not is_current(checkpoint):
-        _zk0(["model", "sim-base", str(checkpoint), "--seed", str(seed)], log_path)
+        _zk0(["model", "sim-base", str(checkpoint), "--seed", str(seed)], log_path, progress)
     return checkpoint
 
 
-def prepare_base(base: str, work_dir: Path, datasets: Sequence[Path], seed: int) -> Path:
+def prepare_base(base: str, work_dir: Path, datasets: Sequence[Path], seed: int,
+                 progress: Callable[[str], None] | None = None) -> Path:
     """The base checkpoint directory for `base` (a preset name or a checkpoint path), built if needed."""
     from zk0.learn.sim_base import is_built
 
     if base == "sim-base":
-        checkpoint = cached_sim_base(seed, work_dir / "logs" / "sim-base.log")
+        checkpoint = cached_sim_base(seed, work_dir / "logs" / "sim-base.log", progress)
     elif base == "tiny":
         checkpoint = work_dir / "base" / "checkpoint"
         if not is_built(checkpoint):
