@@ -6,7 +6,7 @@ that no longer opens. zk0 therefore commits one episode at a time (`zk0.agent.da
 
 1. `save_episode()` + `finalize()` (each episode lands in its own data/video/metadata files, because a
    dataset reopened with `LeRobotDataset.resume` always starts new files);
-2. fsync what lerobot wrote (`fsync_tree`);
+2. fsync what lerobot wrote (`zk0.learn.checkpoint.fsync_tree`);
 3. atomically replace `meta/zk0.json`, the commit record: episode count, zk0 per-episode metadata
    (seed, success verdict, timing), a snapshot of `info.json`, `stats.json` and the task list, and the
    dataset's stable id (`zk0.learn.data.dataset_stable_id`: the held-out split is drawn from it).
@@ -221,24 +221,6 @@ def _video_duration(path: Path) -> float | None:
 
 
 # ---------------------------------------------------------------- repair and commit (writes)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file lerobot wrote, so the commit record never points at data still in the page cache."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for path in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        _fsync_dir(path)
 
 
 def _dataset_files(root: Path) -> list[Path]:

@@ -23,13 +23,13 @@ from zk0.agent.dataset_commit import (
     EpisodeMeta,
     RepairReport,
     check_and_repair,
-    fsync_tree,
     inspect_dataset,
     new_dataset_id,
     snapshot_commit,
     write_commit,
 )
 from zk0.agent.video_encoder import EncodingDataset
+from zk0.learn.checkpoint import fsync_tree
 from zk0.hw.realtime import threads_without_realtime
 
 FAULT_ENV = "ZK0_FAULT"

@@ -72,7 +72,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -92,7 +92,7 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def write_dir_atomic(dest: Path, write: Callable[[Path], None]) -> None:
@@ -104,18 +104,20 @@ def write_dir_atomic(dest: Path, write: Callable[[Path], None]) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(dest.parent)
+    fsync_path(dest.parent)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, deepest first, then `root`: nothing written under it is left
+    only in the page cache."""
     for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync_path(path)
-    _fsync_path(root)
+        fsync_path(path)
+    fsync_path(root)
 
 
 def copy_local_vlm(vlm_name: str, dest: Path) -> None:
@@ -171,7 +173,7 @@ def _publish(out: Path, version: Path) -> None:
         _link_over_directory(link, out)
     else:
         os.replace(link, out)
-    _fsync_path(out.parent)
+    fsync_path(out.parent)
     _remove_leftovers(out, keep=version)
 
 
@@ -188,7 +190,7 @@ def publish_checkpoint(out_dir: str | Path, write: Callable[[Path], CheckpointMe
         meta = write(version)
         meta = CheckpointMeta(**{**asdict(meta), "sha256": sha256_file(version / WEIGHTS_FILE), "created": time.time()})
         (version / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
-        _fsync_tree(version)
+        fsync_tree(version)
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)
         raise

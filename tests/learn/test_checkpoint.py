@@ -73,7 +73,7 @@ def _crash_at(monkeypatch, k: int) -> list[int]:
         return step
 
     for module, name in ((os, "replace"), (os, "rename"), (os, "symlink"), (os, "unlink"), (shutil, "rmtree"),
-                         (checkpoint, "_exchange"), (checkpoint, "_fsync_tree")):
+                         (checkpoint, "_exchange"), (checkpoint, "fsync_tree")):
         monkeypatch.setattr(module, name, dying(getattr(module, name)))
     return calls
 
