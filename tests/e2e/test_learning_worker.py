@@ -1,24 +1,18 @@
 """`zk0 fleet local --learn-workers` end to end: two SuperNodes, each relaying to a warm learning worker, two
 rounds. The rounds complete, each worker builds the policy and data once for the run (round 1's training
-message builds them; round 2's reuses them), and the round figures `bench/round_overhead.py` reports are there.
+message builds them; round 2's reuses them), and the round figures `bench/round_overhead.py` reports
+(zk0.server.run_dir.summarize_overhead) are there.
 How much faster the warm round is, is a speed figure: the bench measures it, not this test."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
 import pytest
 
-from tests.e2e.conftest import REPO, run_zk0
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("round_overhead", REPO / "bench" / "round_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.e2e.conftest import run_zk0
+from zk0.server.run_dir import summarize_overhead
 
 
 @pytest.mark.slow
@@ -38,7 +32,7 @@ def test_fleet_local_with_learning_workers_builds_policy_and_data_once(tmp_path,
         assert train_jobs == [", policy and data built", ""], log  # round 1 builds, round 2 reuses
         assert re.search(r"query job \w+", log) and len(re.findall(r"evaluate job \w+", log)) == 2
 
-    figures = _bench().summarize(json.loads((run / "federated_metrics.json").read_text())["rounds"])["rounds"]
+    figures = summarize_overhead(json.loads((run / "federated_metrics.json").read_text())["rounds"])["rounds"]
     print(json.dumps(figures, indent=1))
     assert len(figures) == 2
     assert all(f["node_train_s"] > 0 and f["node_eval_s"] > 0 for f in figures)
