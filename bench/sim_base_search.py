@@ -118,9 +118,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def demo_cache(args: argparse.Namespace, recipe: sim_base.SimBaseRecipe) -> Path:
     """Where the demonstrations of `recipe` are kept between configurations (and bench runs) sharing them."""
-    key = (sim_base.demo_plan(recipe), recipe.shape.cameras, recipe.max_episode_s)
-    if recipe.image_stride != 1:  # the key of stride-1 caches recorded before the knob existed stays the same
-        key += (recipe.image_stride,)
+    key = (sim_base.demo_plan(recipe), recipe.shape.cameras, recipe.max_episode_s, recipe.image_stride)
     return args.out / f"demos-{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}.npz"
 
 
@@ -141,10 +139,10 @@ def load_demos(path: Path) -> list[sim_demos.Demo]:
         count = 1 + max(int(key.split("/")[0]) for key in data.files)
         demos = []
         for k in range(count):
-            task, seed, success, *stride = data[f"{k}/meta"].tolist()
+            task, seed, success, stride = data[f"{k}/meta"].tolist()
             images = {key.split("/")[2]: data[key] for key in data.files if key.startswith(f"{k}/image/")}
             demos.append(sim_demos.Demo(task, int(seed), data[f"{k}/state"], data[f"{k}/action"], images,
-                                       success == "1", data[f"{k}/scene"], int(stride[0]) if stride else 1))
+                                       success == "1", data[f"{k}/scene"], int(stride)))
     return demos
 
 

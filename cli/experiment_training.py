@@ -48,6 +48,7 @@ def _zk0(args: Sequence[str], log_path: Path, progress: Callable[[str], None] | 
     """`zk0 ARGS` as a child logging to `log_path`; with `progress`, its latest progress line every `every_s`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
+        start = log.tell()  # the log may hold an earlier build's lines: progress is read from here on
         child = subprocess.Popen([sys.executable, "-m", "zk0.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL)
         try:
@@ -56,8 +57,10 @@ def _zk0(args: Sequence[str], log_path: Path, progress: Callable[[str], None] | 
                     returncode = child.wait(timeout=every_s if progress else None)
                     break
                 except subprocess.TimeoutExpired:
-                    line = last_progress(log_path.read_text(errors="replace"))
-                    if line and progress:
+                    with open(log_path, errors="replace") as written:
+                        written.seek(start)
+                        line = last_progress(written.read())
+                    if line:
                         progress(line)
         finally:
             if child.poll() is None:  # interrupted: the build must not outlive the command that started it

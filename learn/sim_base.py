@@ -31,7 +31,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-
 from zk0.learn.sim_demos import SCENE_DIMS, Demo, DemoData, demo_meta, record_demos
 from zk0.learn.tiny_vlm import VLMShape
 
