@@ -40,25 +40,18 @@ def load(checkpoint: Path, name: str, steps: int | None) -> Any:
 
 def run(checkpoint: Path, backends: Sequence[str], tasks: Sequence[str], episodes: int, max_episode_s: float,
         steps: int | None) -> dict[str, Any]:
-    """Outcomes per backend of the same paired episodes, with their summaries."""
-    from zk0.agent.lockstep import policy_in_sim, run_episode
-    from zk0.agent.validate import episode_plan, summaries
+    """Outcomes per backend of the same paired episodes (`episodes` per task), with their summaries."""
+    from zk0.agent.lockstep import policy_in_sim
+    from zk0.agent.validate import summaries
+    from zk0.agent.validate_cli import Setup, sim_outcomes
     from zk0.hw.config import SafetySettings
-    from zk0.hw.safety import SafetyEnvelope, envelope_spec
-    from zk0.hw.sim.lockstep import follower_limits
 
-    spec = envelope_spec(follower_limits(), SafetySettings(), FPS, ROBOT)
+    setup = Setup(robot=ROBOT, fps=FPS, episodes=episodes * len(tasks), tasks=list(tasks), margin=0.0,
+                  max_episode_s=max_episode_s, safety=SafetySettings(), store=None, config_path=None,
+                  host="bench", simulated=True)
     runners = {name: policy_in_sim(load(checkpoint, name, steps), FPS, ROBOT) for name in backends}
-    outcomes: dict[str, list] = {name: [] for name in backends}
-    plan = episode_plan(tasks, episodes)
-    started = time.perf_counter()
-    for index, (task, seed) in enumerate(plan):
-        for name, (sim, controller) in runners.items():
-            outcomes[name].append(run_episode(sim, controller, SafetyEnvelope(spec), task, seed,
-                                              int(round(max_episode_s * FPS))))
-        print(f"pair {index + 1}/{len(plan)} {task} seed {seed}: "
-              + " ".join(f"{name} {'ok' if runs[-1].success else '-'}" for name, runs in outcomes.items())
-              + f" [{time.perf_counter() - started:.0f} s]", file=sys.stderr, flush=True)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress line per pair; stdout is the JSON report
+        outcomes = sim_outcomes(setup, runners)
     result: dict[str, Any] = {name: summaries({name: runs}, tasks)[name] for name, runs in outcomes.items()}
     if "torch" in outcomes:
         reference = [o.success for o in outcomes["torch"]]
