@@ -11,7 +11,12 @@ quantization), and each backend runs in its own child process, so peak RSS is co
 - peak RSS: the child's maximum resident set, VmHWM (imports, model load and inference);
 - prefix p50 (onnxruntime): the prefix graph alone (VLM: images + language + state -> KV cache); the rest of
   a chunk is `--steps` denoise steps;
-- parity: max abs difference of normalized actions vs torch on the same batch and noise (onnxruntime only).
+- parity: max abs difference of normalized actions vs torch on the same batch and noise (onnxruntime only);
+- compute bound: a chunk's floating-point work (`chunk_gflop`, counted on the torch model by torch's
+  FlopCounterMode: matmuls, convolutions, attention) and this CPU's fp32 matmul throughput through
+  onnxruntime (`matmul_peak_gflops`: the best of a few runs of one MatMul the size of the vision MLP), so each
+  backend's `fraction_of_peak` and the best ratio to torch any fp32 backend could reach (`fp32_floor_vs_torch`:
+  the chunk at peak throughput against torch's p50) show how far fp32 can still go.
 
 `--threads N` sets torch's and onnxruntime's intra-op threads (default: each library's own choice). Prints one
 JSON object; only meaningful on a quiet machine (`load_1m` is recorded alongside).
@@ -115,11 +120,51 @@ def child(args: argparse.Namespace) -> dict:
                 t0 = time.perf_counter()
                 bundle.policy.prefix_session.run(None, feeds)
                 prefix.append(time.perf_counter() - t0)
+        work = {"chunk_gflop": chunk_gflop(bundle.policy, batch, noise)} if args.child == "torch" else {}
     np.save(args.actions_out, first.numpy())
     split = {"prefix_p50_s": round(statistics.median(prefix), 4)} if prefix else {}
-    return {**split, "load_s": round(load_s, 2), "chunk_p50_s": round(statistics.median(latencies), 4),
+    if args.child == "onnxruntime-fp32":
+        split["matmul_peak_gflops"] = matmul_peak_gflops(args.threads)
+    return {**split, **work, "load_s": round(load_s, 2), "chunk_p50_s": round(statistics.median(latencies), 4),
             "chunk_p99_s": round(float(np.percentile(latencies, 99)), 4), "chunks": len(latencies),
             "peak_rss_mb": peak_rss_mb()}
+
+
+def chunk_gflop(policy, batch: dict, noise) -> float:
+    """Floating-point operations (GFLOP) of one action chunk, as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        policy.predict_action_chunk(dict(batch), noise=noise)
+    return round(counter.get_total_flops() / 1e9, 2)
+
+
+def matmul_peak_gflops(threads: int | None, rows: int = 1024, inner: int = 768, cols: int = 3072) -> float:
+    """fp32 GFLOP/s of one onnxruntime MatMul (rows x inner @ inner x cols, SigLIP's MLP at 512x512), best of
+    10 after a warm-up: what the CPU's GEMM kernels give a large, well-shaped product."""
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((inner, cols), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, inner])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])], [weight])
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(helper.make_model(graph).SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((rows, inner), np.float32)
+    session.run(None, {"x": x})
+    best = min(_timed(lambda: session.run(None, {"x": x})) for _ in range(10))
+    return round(2 * rows * inner * cols / best / 1e9, 1)
+
+
+def _timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
 
 
 def peak_rss_mb() -> float:
@@ -175,9 +220,22 @@ def bench_model(checkpoint: Path, work: Path, args: argparse.Namespace) -> dict:
             result["max_abs_vs_torch"] = float(np.abs(np.load(actions) - np.load(reference)).max())
             if "chunk_p50_s" in results.get("torch", {}):
                 result["p50_vs_torch"] = round(result["chunk_p50_s"] / results["torch"]["chunk_p50_s"], 3)
+    compute_bound(results)
     sizes = {name: sum(p.stat().st_size for p in path.glob("*.onnx*")) / 2**20
              for name, path in exports.items() if path is not None}
     return {**timings, "export_mb": {k: round(v, 1) for k, v in sizes.items()}, "backends": results}
+
+
+def compute_bound(results: dict) -> None:
+    """Add each backend's share of the measured fp32 matmul peak, and the best fp32 ratio to torch it allows."""
+    gflop = results.get("torch", {}).get("chunk_gflop")
+    peak = results.get("onnxruntime-fp32", {}).get("matmul_peak_gflops")
+    if not gflop or not peak:
+        return
+    for result in results.values():
+        if "chunk_p50_s" in result:
+            result["fraction_of_peak"] = round(gflop / result["chunk_p50_s"] / peak, 3)
+    results["onnxruntime-fp32"]["fp32_floor_vs_torch"] = round(gflop / peak / results["torch"]["chunk_p50_s"], 3)
 
 
 def main() -> int:

@@ -24,9 +24,11 @@ MatMul/Gemm/Conv per output channel, activations quantized per call).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ MANIFEST = "manifest.json"
 PREFIX_GRAPH = "prefix.onnx"
 DENOISE_GRAPH = "denoise.onnx"
 FORMAT = 1
+# Bumped when the exporter makes different (better) graphs of the same interface: older exports stay loadable,
+# but the export cache makes a new one. 2: plain attention, no vision mask (`export_attention`).
+EXPORTER_REVISION = 2
 FP32_TOLERANCE = 1e-4  # max abs difference of the policy's (normalized) actions, torch vs onnxruntime
 QUANTIZE = ("none", "int8")
 
@@ -55,7 +60,7 @@ class ExportOptions:
 
     def key(self) -> str:
         """How a cached export names these options."""
-        return f"steps{self.steps or 'cfg'}-{self.quantize}-opset{self.opset}"
+        return f"steps{self.steps or 'cfg'}-{self.quantize}-opset{self.opset}-r{EXPORTER_REVISION}"
 
 
 @dataclass
@@ -139,6 +144,33 @@ def example_inputs(config: Any) -> dict[str, torch.Tensor]:
     return inputs
 
 
+# How the exported vision tower attends: transformers' eager attention, with no padding mask. lerobot's
+# `embed_image` never passes a patch mask (every camera image fills the tower's square input after its own
+# resize-with-pad), so the vision tower's mask is always all-true; traced, it would still be built and added to
+# every head's 1024 x 1024 scores.
+UNMASKED_EAGER = "zk0_unmasked_eager"
+
+
+@contextlib.contextmanager
+def export_attention(policy: Any) -> Iterator[None]:
+    """The VLM's attention as plain MatMul/Softmax/MatMul while tracing, the vision tower's without its
+    all-true mask. Traced through torch's SDPA, every softmax is followed by a NaN guard (IsNaN + Where over each
+    head's whole score matrix); at full size (1024 patches per camera) the guard and the mask cost ~20 % of the
+    prefix graph's time on CPU. The maths is the same, so the export stays within tolerance of torch's SDPA."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.models.smolvlm import modeling_smolvlm
+
+    AttentionInterface.register(UNMASKED_EAGER, modeling_smolvlm.eager_attention_forward)
+    AttentionMaskInterface.register(UNMASKED_EAGER, lambda *args, **kwargs: None)
+    vlm = policy.model.vlm_with_expert.vlm
+    before = vlm.config._attn_implementation
+    vlm.set_attn_implementation({"": "eager", "text_config": "eager", "vision_config": UNMASKED_EAGER})
+    try:
+        yield
+    finally:
+        vlm.set_attn_implementation(before)
+
+
 def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], path: Path,
             opset: int) -> None:
     torch.onnx.export(module, tuple(inputs.values()), str(path), input_names=list(inputs), output_names=outputs,
@@ -194,7 +226,7 @@ def export_policy(bundle: Any, checkpoint: str | Path, source_sha256: str, out_d
                       "prefix_pad_masks": pad_masks, "past_keys": keys, "past_values": values}
 
     def write(folder: Path) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), export_attention(policy):
             _export(PrefixGraph(policy).eval(), inputs, ["prefix_pad_masks", "past_keys", "past_values"],
                     folder / PREFIX_GRAPH, options.opset)
             _export(DenoiseGraph(policy).eval(), denoise_inputs, ["v_t"], folder / DENOISE_GRAPH, options.opset)

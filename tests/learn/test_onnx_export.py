@@ -13,7 +13,8 @@ import torch
 from zk0.learn.checkpoint import CheckpointMeta, read_meta, save_checkpoint
 from zk0.learn.onnx_export import FP32_TOLERANCE, ExportOptions, export_policy, quantize_export, read_manifest
 from zk0.learn.onnx_parity import TASK, measure, raw_observation
-from zk0.learn.onnx_runtime import OnnxPolicy, ensure_export, load_backend, load_onnx_bundle
+from zk0.learn.onnx_runtime import (SMALL_GRAPH_BYTES, OnnxPolicy, default_threads, ensure_export, load_backend,
+                                    load_onnx_bundle)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,23 @@ def test_fp32_actions_match_torch(exported) -> None:
     assert result.passed and result.max_abs_normalized <= FP32_TOLERANCE and result.steps == 4
     assert bundle.policy.config.num_steps == 4  # measure compares at the export's step count
     bundle.policy.config.num_steps = 10
+
+
+def test_prefix_attention_is_plain_and_the_policy_keeps_its_own(exported) -> None:
+    """The export traces eager attention (the vision tower's without its all-true mask): no SDPA NaN guard
+    (IsNaN) in the graph; the torch policy is left on its own attention."""
+    import onnx
+
+    bundle, _, export = exported
+    ops = [node.op_type for node in onnx.load(str(export / "prefix.onnx"), load_external_data=False).graph.node]
+    vlm = bundle.policy.model.vlm_with_expert.vlm
+    assert "Softmax" in ops and "IsNaN" not in ops
+    assert vlm.config._attn_implementation == vlm.model.vision_model.config._attn_implementation == "sdpa"
+
+
+def test_small_graphs_run_on_one_thread() -> None:
+    assert default_threads(SMALL_GRAPH_BYTES - 1) == 1
+    assert default_threads(SMALL_GRAPH_BYTES) == 0  # onnxruntime's own choice: a thread per physical core
 
 
 def test_select_action_serves_a_chunk_like_lerobot(exported) -> None:
