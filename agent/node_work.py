@@ -12,9 +12,10 @@ warm between messages. One code path, so both give the same bytes for the same i
   with its metrics; the metrics count the steps actually done;
 - evaluate: check the aggregated model's digest, evaluate it on the local held-out split, and deliver it to
   the host's policy store (zk0.agent.policy_store) as version `run<Flower run id>-round<N>`, with that
-  held-out loss as its node metrics; the store's first version becomes active, later ones wait for promotion;
-  then the store is pruned to node config `policy-keep` versions and `policy-max-bytes` (never active or
-  previous).
+  held-out loss as its node metrics and the server's metrics the message carries as its server metrics
+  (`received_server_metrics`: what is not a finite number is logged and left out); the store's first version
+  becomes active, later ones wait for promotion; then the store is pruned to node config `policy-keep`
+  versions and `policy-max-bytes` (never active or previous).
 
 Drills (node config `drill`, see zk0.agent.client_app) break replies here, as the server will see them:
 - `nan`: an fp32 update with a NaN in it, re-sealed; `hash`: an update whose checksum does not match;
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
+import math
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +51,11 @@ from zk0.learn.policy import PolicyBundle
 from zk0.learn.records import GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, STATS_RECORD, UPDATE_RECORD
 from zk0.learn.stats import from_dataset
 from zk0.learn.sufficient_stats import SufficientStats, combine
+
+log = logging.getLogger("zk0.agent.node_work")
+
+# The evaluate message's record of the server's metrics of its global (zk0.server.evaluation.SERVER_METRICS_RECORD).
+SERVER_METRICS_RECORD = "server-metrics"
 
 
 @dataclass
@@ -206,6 +214,22 @@ def train_content(content: RecordDict, context: Context, should_stop: Callable[[
                        INFO_RECORD: node_info(context)})
 
 
+def received_server_metrics(content: RecordDict) -> tuple[dict[str, float], list[str]]:
+    """(the finite numbers among the server's metrics an evaluate message carries, what was left out and why).
+    A server older than this node sends none; neither that nor a malformed value may cost the node its global."""
+    record = content.metric_records.get(SERVER_METRICS_RECORD)
+    if record is None:
+        return {}, [f"the message carries no {SERVER_METRICS_RECORD!r} metric record (a server older than this node)"]
+    valid: dict[str, float] = {}
+    left_out: list[str] = []
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            valid[key] = float(value)
+        else:
+            left_out.append(f"{key}={value!r} is not a finite number")
+    return valid, left_out
+
+
 def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     """Evaluate the round's aggregated model on the held-out split and deliver it to the policy store; the reply
     carries the held-out loss and `eval-seconds`, the time spent evaluating (round-overhead accounting)."""
@@ -223,10 +247,13 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
         losses = evaluate_datasets(node.bundle.policy, node.bundle.preprocessor, node.held_out, cfg)
         metrics = {"loss": losses["composite"], "num-examples": sum(len(d.frame_index()) for d in node.held_out.values())}
     eval_seconds = time.perf_counter() - started
-    # the message does not carry the server's own evaluation: the daemon records it later (set_server_metrics)
+    from_server, left_out = received_server_metrics(content)
+    if left_out:
+        log.warning("round %s: server metrics left out of the policy store: %s", config["server-round"],
+                    "; ".join(left_out))
     store = PolicyStore(Path(str(context.node_config.get("policy-store", "policies"))))
     store.add_from_bundle(node.bundle, run=f"run{context.run_id}", round=int(config["server-round"]), stats=node.stats,
-                          server_metrics={}, global_sha256=str(config[GLOBAL_SHA256]), node_metrics=metrics)
+                          server_metrics=from_server, global_sha256=str(config[GLOBAL_SHA256]), node_metrics=metrics)
     keep, max_bytes = context.node_config.get("policy-keep"), context.node_config.get("policy-max-bytes")
     if keep is not None or max_bytes is not None:  # the store's retention (agent config federation.keep_versions)
         store.prune(keep=None if keep is None else int(keep), max_bytes=None if max_bytes is None else int(max_bytes))

@@ -116,8 +116,14 @@ def _when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
-def _metrics(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in metrics.items()) or "-"
+# What `list` shows of a version's server metrics (zk0.server.evaluation.server_metrics), to compare versions at a
+# glance: the server's held-out loss and whether the round changed the global at all; `show` prints every one.
+LISTED_SERVER_METRICS = ("eval/loss", "train/accepted-updates")
+SHOW_INDENT = 16
+
+
+def _metrics(metrics: dict, sep: str = " ") -> str:
+    return sep.join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in metrics.items()) or "-"
 
 
 def table(rows: list[list[str]]) -> str:
@@ -134,7 +140,9 @@ def _list(store, args: argparse.Namespace) -> int:
     for v in versions:
         marker = "active" if v.name == state.active else "previous" if v.name == state.previous else ""
         rows.append([marker, v.name, str(v.round), _when(v.arrived) if v.arrived else "?", v.sha256[:12] or "?",
-                     f"{v.bytes / 1e6:.1f}MB", _metrics(v.server_metrics), _metrics(v.node_metrics),
+                     f"{v.bytes / 1e6:.1f}MB",
+                     _metrics({k: v.server_metrics[k] for k in LISTED_SERVER_METRICS if k in v.server_metrics}),
+                     _metrics(v.node_metrics),
                      f"CORRUPT: {v.corrupt}" if v.corrupt else "ok"])
     print(table(rows))
     return 0
@@ -146,8 +154,9 @@ def _show(store, args: argparse.Namespace) -> int:
     for key, value in [("version", v.name), ("status", f"CORRUPT: {v.corrupt}" if v.corrupt else marker),
                        ("run", v.run), ("round", v.round), ("arrived", _when(v.arrived) if v.arrived else "?"),
                        ("sha256", v.sha256), ("base", v.base), ("bytes", v.bytes),
-                       ("server metrics", _metrics(v.server_metrics)), ("node metrics", _metrics(v.node_metrics))]:
-        print(f"{key + ':':16}{value}")
+                       ("server metrics", _metrics(v.server_metrics, "\n" + " " * SHOW_INDENT)),
+                       ("node metrics", _metrics(v.node_metrics))]:
+        print(f"{key + ':':{SHOW_INDENT}}{value}")
     for entry in state.history:
         if v.name in (entry.get("version"), entry.get("replaced")):
             print(f"history:        {_when(entry['at'])} {entry['action']} {entry['version']} (replacing "

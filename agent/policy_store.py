@@ -10,8 +10,9 @@ Layout of a store `<root>` (the node's `federation.policy_store`):
   versions/<run>-round<N>/ trainable.safetensors, config.json, the pre/post processors (normalization),
                            zk0_stats.npz, version.json: run, round, arrived, sha256 (of the trainable tensors,
                            zk0.learn.codec.tensors_sha256 = the server's global-sha256), base, the SHA-256 of every
-                           file, node_metrics (its held-out loss) and server_metrics (empty until the daemon
-                           records the server's evaluation with `set_server_metrics`)
+                           file, node_metrics (this node's held-out loss) and server_metrics (what the server
+                           sent with the global: its held-out loss, the round's LR/mu and aggregated training
+                           metrics, zk0.server.evaluation.server_metrics; empty from a server that sends none)
   bases/<frozen digest>/   frozen.safetensors, vlm/ (config + tokenizer of a local VLM), base.json
   cache/<version>          a materialised lerobot checkpoint (zk0.learn.checkpoint layout), made on demand,
                            checked by SHA-256 when reused; active, previous and the CACHE_KEEP most recently used
@@ -141,8 +142,9 @@ class PolicyStore:
         return self.add_from_bundle(bundle, run=run, round=0, stats=None, server_metrics={},
                                     global_sha256=tensors_sha256(trainable_state(bundle.policy)))
 
-    def add_from_bundle(self, bundle: PolicyBundle, *, run: str, round: int, stats, server_metrics: dict,
-                        global_sha256: str, node_metrics: dict | None = None) -> VersionInfo:
+    def add_from_bundle(self, bundle: PolicyBundle, *, run: str, round: int, stats,
+                        server_metrics: Mapping[str, float], global_sha256: str,
+                        node_metrics: Mapping[str, float] | None = None) -> VersionInfo:
         """Store the global `bundle` holds as version `<run>-round<N>`; `stats`: SufficientStats or None.
         Delivering the same global again is a no-op; another policy under an existing name is refused."""
         from safetensors.torch import save_file
@@ -189,14 +191,6 @@ class PolicyStore:
         state = self.state()
         if state.active is None:
             self._write_state(promoted(state, name, "first version this store received", _who(), time.time()))
-
-    def set_server_metrics(self, ref: str, metrics: Mapping[str, float]) -> None:
-        """Record the server's evaluation of a version (its evaluate message does not carry it yet)."""
-        with self._lock():
-            path = self.versions_dir / self.get(ref).name / VERSION_FILE
-            meta = json.loads(path.read_text())
-            meta["server_metrics"] = {k: float(v) for k, v in metrics.items()}
-            write_file_atomic(path, json.dumps(meta, indent=2).encode())
 
     def promote(self, ref: str, reason: str = "") -> None:
         """Make `ref` active (the active one becomes previous); refused for a corrupt version. The checkpoint is

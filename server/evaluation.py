@@ -1,15 +1,20 @@
-"""Server-side evaluation of the global policy on held-out datasets, and early stopping."""
+"""Server-side evaluation of the global policy on held-out datasets, what the server tells nodes about each
+global, and early stopping."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
 
 from zk0.learn.evaluate import EvalConfig, evaluate_datasets
 from zk0.learn.federation import held_out_data
 from zk0.learn.policy import PolicyBundle
+
+# The evaluate message's record of what the server knows of the global it carries (`server_metrics`; read by
+# zk0.agent.node_work.received_server_metrics into the node's policy store).
+SERVER_METRICS_RECORD = "server-metrics"
+
 
 class ServerEvaluator:
     """Fixed-noise held-out loss of the global policy on the server's datasets."""
@@ -27,6 +32,26 @@ class ServerEvaluator:
         results = evaluate_datasets(self.bundle.policy, self.bundle.preprocessor, self.held_out, self.config)
         results["loss"] = results.pop("composite")
         return results
+
+
+def server_metrics(server_eval: Mapping[str, float], train: Mapping[str, float] | None, lr: float, mu: float,
+                   nodes: int) -> dict[str, float]:
+    """What the server knows of a round's global, sent with it (SERVER_METRICS_RECORD) to every node's policy
+    store, which keeps it as the version's server metrics:
+
+    eval/loss              the global's held-out loss on the server's datasets (ServerEvaluator, sample-weighted);
+    eval/loss/<dataset>    the same per dataset;
+    round/lr, round/mu     the round's scheduled LR and mu; round/nodes: the nodes asked to train;
+    train/<metric>         the accepted updates' training metrics as aggregated (Zk0FedProx.aggregate_train:
+                           example-weighted means of what the nodes reported, e.g. train/policy-loss, train/mu,
+                           which a node's raised mu lifts above round/mu; train/num-examples their total);
+                           train/accepted-updates: how many; 0 when none was, and the global is the previous one.
+    """
+    metrics = {"eval/loss": float(server_eval["loss"])}
+    metrics.update({f"eval/loss/{name}": float(v) for name, v in server_eval.items() if name != "loss"})
+    metrics.update({"round/lr": float(lr), "round/mu": float(mu), "round/nodes": float(nodes)})
+    metrics.update({f"train/{name}": float(v) for name, v in (train or {"accepted-updates": 0}).items()})
+    return metrics
 
 
 @dataclass(frozen=True)

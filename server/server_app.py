@@ -9,8 +9,10 @@ so that a restarted server resumes at the round after its last checkpoint and ca
    `normalization.nodes`; the exact union of the valid ones is the normalization every participant
    and every checkpoint uses. Fewer valid answers than `nodes.min_nodes` end the run;
 2. round 0: the initial global policy is evaluated on the server's held-out data and saved;
-3. each round: train (LR/mu from the schedule, per node) -> validate + aggregate -> nodes evaluate and
-   store the new global -> server evaluation -> checkpoint, metrics, plots -> early-stopping check.
+3. each round: train (LR/mu from the schedule, per node) -> validate + aggregate -> server evaluation ->
+   nodes evaluate and store the new global, with the server's metrics of it (its held-out loss, the round's
+   LR/mu and aggregated training metrics: zk0.server.evaluation.server_metrics) -> checkpoint, metrics,
+   plots -> early-stopping check.
 
 A run that cannot go on (too few nodes within the round timeout, too few valid statistics) raises
 `FederationAborted`: `main` logs its one-line reason to server.log and ends the ServerApp normally.
@@ -37,7 +39,7 @@ from zk0.learn.federation import (
     INFO_RECORD, QUERY_STATS, STATS_RECORD, build_federated_policy, frozen_sha256, stats_from_record,
     stats_to_record,
 )
-from zk0.server.evaluation import EarlyStopping, ServerEvaluator
+from zk0.server.evaluation import EarlyStopping, ServerEvaluator, server_metrics
 from zk0.server.run_dir import RunDir, outcome_summary
 from zk0.server.strategy import (
     FederationAborted, FederationHistory, Outcome, Zk0FedProx, error_outcome, match_replies, node_identity,
@@ -215,15 +217,19 @@ def run_federation(grid: Grid, config: ServerConfig) -> int:
         if new_arrays is not None:
             arrays = new_arrays
             load_trainable_state(bundle.policy, arrays.to_torch_state_dict())
-        eval_sent = time.monotonic()
-        eval_replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                                             timeout=nodes.round_timeout_s)
-        eval_done = time.monotonic()
-        client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
+        # evaluated before the nodes get the global, so that each node's store keeps the server's metrics with it
         server_eval = evaluator.evaluate()
         history.eval_losses.append(server_eval["loss"])
         record = strategy.current
         assert record is not None
+        sent_metrics = server_metrics(server_eval, train_summary, record.schedule.lr, record.schedule.mu,
+                                      len(record.clients))
+        eval_sent = time.monotonic()
+        eval_replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid, server_metrics=sent_metrics),
+            timeout=nodes.round_timeout_s)
+        eval_done = time.monotonic()
+        client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
         entry = {
             "round": server_round, "lr": record.schedule.lr, "mu": record.schedule.mu,
             "schedule_reason": record.schedule.reason, "clients": _client_entries(strategy),

@@ -3,7 +3,8 @@ optional robust aggregation.
 
 What travels (see zk0.learn.codec): the server sends the global trainable tensors as a plain fp32
 `ArrayRecord` plus, in the config, the round's LR, mu (per client), step budget, codec and the
-global's SHA-256; a node answers with one self-checking payload. Before anything is averaged each
+global's SHA-256 (an evaluate message also carries the server's metrics of its global,
+SERVER_METRICS_RECORD); a node answers with one self-checking payload. Before anything is averaged each
 payload is decoded against the round's global (framing, SHA-256, keys, shapes, dtypes, delta base,
 finite values), its claimed example count must be a positive number, and its L2 distance to the
 global is bounded (`norm_rejections`): at most `validation.norm_bound_multiple` times the round's
@@ -57,6 +58,7 @@ from zk0.server.aggregation import (
     norm_rejections, state_norm_distance, update_steps,
 )
 from zk0.server.config import ValidationConfig
+from zk0.server.evaluation import SERVER_METRICS_RECORD
 from zk0.server.schedule import RoundSchedule, ScheduleConfig, ScheduleState, client_mu, schedule_round
 
 log = logging.getLogger("zk0.server")
@@ -253,8 +255,9 @@ class Zk0FedProx(FedProx):
         self.broadcast_records: dict[str, ArrayRecord] = {}
         self.broadcast_config: dict[str, Any] = {}
 
-    def _content(self, arrays: ArrayRecord, config: Mapping[str, Any]) -> RecordDict:
-        return RecordDict({self.arrayrecord_key: arrays, **self.broadcast_records,
+    def _content(self, arrays: ArrayRecord, config: Mapping[str, Any],
+                 records: Mapping[str, MetricRecord] | None = None) -> RecordDict:
+        return RecordDict({self.arrayrecord_key: arrays, **self.broadcast_records, **(records or {}),
                            self.configrecord_key: ConfigRecord({**self.broadcast_config, **config})})
 
     def start_round(self, server_round: int, arrays: ArrayRecord) -> RoundRecord:
@@ -295,8 +298,10 @@ class Zk0FedProx(FedProx):
         record.sent = messages
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Every sampled node gets the aggregated model with its digest, to check, evaluate and store."""
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                           server_metrics: Mapping[str, float] | None = None) -> Iterable[Message]:
+        """Every sampled node gets the aggregated model with its digest, to check, evaluate and store, and
+        `server_metrics` (zk0.server.evaluation.server_metrics) as SERVER_METRICS_RECORD for its store to keep."""
         if self.fraction_evaluate == 0.0:
             return []
         # best effort: a node lost since training must not hold up (or, after the timeout, end) the round
@@ -304,8 +309,9 @@ class Zk0FedProx(FedProx):
                                 self.node_timeout_s)
         eval_config = {**dict(config), **self.train_config, "server-round": server_round,
                        GLOBAL_SHA256: codec.tensors_sha256(arrays.to_torch_state_dict())}
-        return [Message(content=self._content(arrays, eval_config), message_type=MessageType.EVALUATE, dst_node_id=n)
-                for n in node_ids]
+        records = {} if server_metrics is None else {SERVER_METRICS_RECORD: MetricRecord(dict(server_metrics))}
+        return [Message(content=self._content(arrays, eval_config, records), message_type=MessageType.EVALUATE,
+                        dst_node_id=n) for n in node_ids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Flower's weighted mean of the nodes' eval metrics; what the replies say about their nodes is kept."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
 from tests.agent.test_lease import NODE_ID, _context, federation, normal_scheduling  # noqa: F401 (fixtures)
@@ -111,6 +111,21 @@ def test_query_reply_names_the_node_and_carries_the_stats_nan_drill(federation) 
     assert dict(drilled.content["info"]) == {NODE_NAME: "drill-stats-nan", DATASET_ID: client_app.dataset_id([root])}
     assert np.isfinite(honest.content[STATS_RECORD]["observation.state/mean"].numpy()).all()
     assert np.isnan(drilled.content[STATS_RECORD]["observation.state/mean"].numpy()).all()
+
+
+@pytest.mark.parametrize("records, stored, left_out", [
+    ({node_work.SERVER_METRICS_RECORD: MetricRecord({"eval/loss": 0.5, "train/accepted-updates": 2})},
+     {"eval/loss": 0.5, "train/accepted-updates": 2.0}, []),
+    ({node_work.SERVER_METRICS_RECORD: MetricRecord({"eval/loss": math.nan, "round/mu": -math.inf, "round/lr": 1e-4,
+                                                     "eval/loss/shelf": [0.5, 0.6]})},
+     {"round/lr": 1e-4}, ["eval/loss=nan is not a finite number", "round/mu=-inf is not a finite number",
+                          "eval/loss/shelf=[0.5, 0.6] is not a finite number"]),
+    ({}, {}, ["the message carries no 'server-metrics' metric record (a server older than this node)"]),
+    ({node_work.SERVER_METRICS_RECORD: ConfigRecord({"eval/loss": "0.5"})}, {},  # not a metric record at all
+     ["the message carries no 'server-metrics' metric record (a server older than this node)"]),
+])
+def test_the_servers_metrics_are_kept_where_they_are_finite_numbers(records, stored, left_out) -> None:
+    assert node_work.received_server_metrics(RecordDict(records)) == (stored, left_out)
 
 
 def test_evaluate_reply_names_the_node(federation, tmp_path: Path, normal_scheduling) -> None:  # noqa: F811

@@ -42,11 +42,17 @@ def test_list_show_promote_rollback(store: PolicyStore, capsys) -> None:
     assert code == 0 and header.split()[:5] == ["version", "round", "arrived", "sha", "size"]
     assert first.split()[:3] == ["active", "run1-round1", "1"] and "loss=0.9" in first and first.endswith("ok")
     assert second.split()[:2] == ["run1-round2", "2"] and store.get("run1-round2").sha256[:12] in second
+    # the server's held-out loss and whether the round changed the global; `show` has the rest
+    assert "eval/loss=0.65 train/accepted-updates=2  loss=0.7" in second and "round/lr" not in second
+    assert "  -  " in first  # round 1 came with no server metrics
 
     assert zk0(capsys, "--store", str(store.root), "promote", "run1-round2", "--reason", "reports/v2.json")[:2] == (
         0, "active: run1-round2 (previous: run1-round1)\n")
     code, out, _ = zk0(capsys, "show", "active", "--store", str(store.root))
     assert code == 0 and "version:        run1-round2" in out and "status:         active" in out
+    assert ("server metrics: eval/loss=0.65\n                eval/loss/kitchen=0.65\n                round/lr=0.0001\n"
+            "                round/mu=0.01\n                train/policy-loss=0.72\n"
+            "                train/accepted-updates=2\nnode metrics:   loss=0.7\n") in out
     assert "promote run1-round2 (replacing run1-round1)" in out and out.rstrip().endswith(": reports/v2.json")
     assert zk0(capsys, "rollback", "--store", str(store.root))[:2] == (
         0, "rolled back: active run1-round1 (previous: run1-round2)\n")

@@ -5,6 +5,7 @@ ClientApp's evaluate step delivering each global into it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -130,9 +131,9 @@ class Tiny:
         load_trainable_state(self.bundle.policy, {n: t + 0.01 * k for n, t in self.initial.items()})
         return tensors_sha256(trainable_state(self.bundle.policy))
 
-    def add(self, store: PolicyStore, k: int, run: str = "run1", **metrics):
+    def add(self, store: PolicyStore, k: int, run: str = "run1", server: dict | None = None, **metrics):
         sha = self.set_global(k)
-        return store.add_from_bundle(self.bundle, run=run, round=k, stats=self.stats, server_metrics={},
+        return store.add_from_bundle(self.bundle, run=run, round=k, stats=self.stats, server_metrics=server or {},
                                      global_sha256=sha, node_metrics=metrics)
 
     def actions(self, bundle) -> torch.Tensor:
@@ -159,13 +160,18 @@ def tiny(tmp_path_factory) -> Tiny:
     return Tiny(root)
 
 
+# What a server sends with a round's global (zk0.server.evaluation.server_metrics), abridged.
+SERVER_METRICS = {"eval/loss": 0.65, "eval/loss/kitchen": 0.65, "round/lr": 1e-4, "round/mu": 0.01,
+                  "train/policy-loss": 0.72, "train/accepted-updates": 2.0}
+
+
 @pytest.fixture(scope="module")
 def two_versions(tiny: Tiny, tmp_path_factory) -> Path:
     """A store holding run1-round1 (active, the first received) and run1-round2 (waiting); tests copy it."""
     root = tmp_path_factory.mktemp("stores") / "policies"
     store = PolicyStore(root)
     tiny.add(store, 1, loss=0.9)
-    tiny.add(store, 2, loss=0.7)
+    tiny.add(store, 2, server=SERVER_METRICS, loss=0.7)
     return root
 
 
@@ -183,7 +189,8 @@ def test_the_first_version_becomes_active_and_later_ones_wait(store: PolicyStore
     assert [v.name for v in store.versions()] == ["run1-round1", "run1-round2"]
     assert store.active.name == "run1-round1" and store.previous is None
     v2 = store.get("run1-round2")
-    assert (v2.run, v2.round, v2.node_metrics, v2.server_metrics, v2.corrupt) == ("run1", 2, {"loss": 0.7}, {}, "")
+    assert (v2.run, v2.round, v2.node_metrics, v2.server_metrics, v2.corrupt) == (
+        "run1", 2, {"loss": 0.7}, SERVER_METRICS, "")
     assert v2.sha256 == tiny.set_global(2) and time.time() - 600 < v2.arrived <= time.time()
     assert store.state().history[0]["reason"] == "first version this store received"
 
@@ -195,9 +202,6 @@ def test_the_first_version_becomes_active_and_later_ones_wait(store: PolicyStore
         store.add_from_bundle(tiny.bundle, run="run1", round=3, stats=None, server_metrics={}, global_sha256="0" * 64)
     with pytest.raises(PolicyStoreError, match="unknown version"):
         store.get("run9-round9")
-
-    store.set_server_metrics("run1-round2", {"loss": 0.5})
-    assert store.get("run1-round2").server_metrics == {"loss": 0.5} and not store.get("run1-round2").corrupt
 
 
 def test_a_first_version_written_but_never_activated_is_activated_when_delivered_again(
@@ -397,26 +401,40 @@ def test_a_kill_at_any_step_leaves_a_loadable_active_policy(tiny: Tiny, two_vers
 
 # --- the ClientApp delivers each global ---------------------------------------------------------------------
 
-def test_evaluate_delivers_each_global_into_the_store(federation, tmp_path: Path, normal_scheduling) -> None:  # noqa: F811
+def test_evaluate_delivers_each_global_into_the_store(federation, tmp_path: Path, normal_scheduling,  # noqa: F811
+                                                      caplog) -> None:
+    """With the server's metrics of it: round 1's as the server computes them, round 2's with values that are
+    not finite numbers (left out, logged: the global is stored all the same)."""
     from flwr.app import ConfigRecord
 
     from tests.agent.test_lease import _context
     from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
     from zk0.agent import client_app
     from zk0.learn.federation import GLOBAL_SHA256
+    from zk0.server.evaluation import server_metrics
 
     root, strategy, arrays = federation
     config = {"dataset-roots": str(root), "node-name": "kitchen", "policy-store": str(tmp_path / "policies")}
+    sent = {1: server_metrics({"loss": 0.8, "kitchen": 0.8}, {"policy-loss": 0.9, "num-examples": 16.0,
+                                                              "accepted-updates": 1}, 1e-4, 0.01, 1),
+            2: {"eval/loss": math.nan, "round/lr": math.inf, "train/accepted-updates": 0}}
     shas = []
     for server_round in (1, 2):
         with serverapp_identity():
-            [msg] = pushed(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), ListingGrid([7])))
-        reply = client_app.evaluate(msg, _context(config))
+            [msg] = pushed(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), ListingGrid([7]),
+                                                       server_metrics=sent[server_round]))
+        with caplog.at_level("WARNING", logger="zk0.agent.node_work"):
+            reply = client_app.evaluate(msg, _context(config))
         shas.append(msg.content.config_records["config"][GLOBAL_SHA256])
         assert reply.content.metric_records["metrics"]["num-examples"] > 0
     store = PolicyStore(tmp_path / "policies")
     assert [(v.name, v.sha256) for v in store.versions()] == [("run1-round1", shas[0]), ("run1-round2", shas[1])]
     assert store.active.name == "run1-round1"  # the first; the second waits for promotion
-    assert store.get("run1-round2").node_metrics["loss"] > 0 and store.get("run1-round2").server_metrics == {}
+    assert store.get("run1-round1").server_metrics == sent[1] and sent[1]["eval/loss"] == 0.8
+    assert store.get("run1-round2").node_metrics["loss"] > 0
+    assert store.get("run1-round2").server_metrics == {"train/accepted-updates": 0.0}
+    assert [r.getMessage() for r in caplog.records if r.name == "zk0.agent.node_work"] == [
+        "round 2: server metrics left out of the policy store: eval/loss=nan is not a finite number; "
+        "round/lr=inf is not a finite number"]
     assert json.loads((tmp_path / "policies" / STORE_FILE).read_text())["previous"] is None
 

@@ -1,4 +1,5 @@
-"""The ServerApp's normalization agreement (each node's statistics answer checked and recorded) and its end."""
+"""The ServerApp's normalization agreement (each node's statistics answer checked and recorded), a whole round
+with a real node (its store keeps the server's metrics of each global) and its end."""
 
 import logging
 
@@ -141,3 +142,38 @@ def test_an_aborted_run_logs_one_line_and_ends_the_serverapp(tmp_path, monkeypat
     assert lines[0].endswith("ERROR run ended: 1 nodes connected, 2 needed: gave up after waiting 3600 s "
                              "(nodes.round_timeout_s)")
     assert not logging.getLogger("zk0.server").handlers
+
+
+def test_a_round_delivers_the_global_to_the_nodes_store_with_the_servers_metrics_of_it(tmp_path, monkeypatch):
+    """One round in-process: the ServerApp's loop against a real node's work (statistics, training, evaluation
+    into its policy store); what the store keeps as server metrics is the server's own record of that round."""
+    from tests.learn.conftest import make_dataset
+    from zk0.agent import node_work
+    from zk0.agent.policy_store import PolicyStore
+    from zk0.server.config import EvaluationConfig, NodesConfig, ServerConfig, TrainingConfig
+    from zk0.server.evaluation import server_metrics
+    from zk0.server.run_dir import RunDir
+
+    data = tmp_path / "kitchen"  # the node's data, and the server's held-out data as well
+    make_dataset(data, episodes=4, frames=12)
+    monkeypatch.setattr(RunDir, "plot", lambda self, rounds: None)  # pictures are not this test's business
+    node = Context(run_id=1, node_id=7, state=RecordDict(), run_config={}, node_config={
+        "dataset-roots": str(data), "node-name": "kitchen", "policy-store": str(tmp_path / "policies")})
+
+    def answer(message: Message) -> Message:
+        kind = message.metadata.message_type
+        return Message(node_work.work(kind, message.content, node, should_stop=lambda: False), reply_to=message)
+
+    training = TrainingConfig(rounds=1, local_steps=1, batch_size=2, model="tiny", eval_fraction=0.25)
+    config = ServerConfig(run_dir=tmp_path / "run", training=training,
+                          nodes=NodesConfig(min_nodes=1, round_timeout_s=60),
+                          evaluation=EvaluationConfig(datasets=[str(data)], max_samples=4))
+    with serverapp_identity():
+        assert server_app.run_federation(AnsweringGrid([7], answer), config) == 1
+    round1 = RunDir(config.run_dir).load_metrics()["rounds"][1]
+    assert round1["clients"]["7"]["outcome"] == "accepted"
+    stored = PolicyStore(tmp_path / "policies").get("run1-round1")
+    assert stored.server_metrics == server_metrics(round1["server_eval"], round1["train"], round1["lr"], round1["mu"],
+                                                   nodes=1)
+    assert stored.server_metrics["eval/loss"] == round1["server_eval"]["loss"] > 0
+    assert stored.server_metrics["train/accepted-updates"] == 1 and stored.node_metrics["loss"] > 0

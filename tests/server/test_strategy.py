@@ -17,6 +17,7 @@ from zk0.learn.federation import (
     DATASET_ID, DECLINED, INFO_RECORD, METRICS_RECORD, NODE_NAME, PREEMPTED, UPDATE_RECORD,
 )
 from zk0.server.config import ValidationConfig
+from zk0.server.evaluation import SERVER_METRICS_RECORD, server_metrics
 from zk0.server.run_dir import outcome_summary
 from zk0.server.schedule import ScheduleConfig, ScheduleState
 from zk0.server.aggregation import (
@@ -460,3 +461,22 @@ def test_evaluation_goes_on_with_the_nodes_still_connected():
     with serverapp_identity():
         messages = list(strategy.configure_evaluate(1, ArrayRecord(GLOBAL), ConfigRecord(), ListingGrid([7])))
     assert [m.metadata.dst_node_id for m in messages] == [7]
+    assert SERVER_METRICS_RECORD not in messages[0].content.metric_records  # none given, none sent
+
+
+def test_every_evaluate_message_carries_the_servers_metrics_of_its_global():
+    strategy = Zk0FedProx(ScheduleConfig(), ValidationConfig(), {}, min_nodes=1)
+    strategy.start_round(1, ArrayRecord(GLOBAL))
+    arrays, train = strategy.aggregate_train(1, [_named_reply(1, 1.0, examples=10), _named_reply(2, 3.0, examples=30)])
+    schedule = strategy.current.schedule
+    sent = server_metrics({"loss": 0.75, "kitchen": 0.5, "shelf": 1.0}, train, schedule.lr, schedule.mu, 2)
+    assert sent == {"eval/loss": 0.75, "eval/loss/kitchen": 0.5, "eval/loss/shelf": 1.0,
+                    "round/lr": schedule.lr, "round/mu": schedule.mu, "round/nodes": 2.0,
+                    "train/policy-loss": 0.5, "train/loss-std": pytest.approx(0.1), "train/num-examples": 40.0,
+                    "train/accepted-updates": 2.0}
+    with serverapp_identity():
+        messages = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), ListingGrid([7, 8]),
+                                                    server_metrics=sent))
+    assert [dict(m.content.metric_records[SERVER_METRICS_RECORD]) for m in messages] == [sent, sent]
+    # a round without an accepted update leaves the global as it was, and says so
+    assert server_metrics({"loss": 0.75}, None, 1e-4, 0.01, 2)["train/accepted-updates"] == 0
