@@ -96,21 +96,33 @@ class ControlServer:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            raw = self._socket.recv()
-            while self._socket.getsockopt(zmq.RCVMORE):  # a multipart request: REP must read it all before replying
-                raw += self._socket.recv()
-            try:
-                if len(raw) > MAX_REQUEST_BYTES:
-                    raise ValueError(f"request of {len(raw)} bytes is over the {MAX_REQUEST_BYTES} byte limit")
-                reply = {"ok": True, **self._handler(parse_request(raw, self._commands))}
-            except ValueError as exc:
-                reply = {"ok": False, "error": str(exc)}
-            except Exception as exc:  # a failing handler must still answer, or the REP socket wedges
-                log.exception("control command failed")
-                reply = {"ok": False, "error": f"internal error: {exc}"}
-            self._socket.send_string(json.dumps(reply))
+            if poller.poll(100):
+                reply = self._answer(*self._receive())
+                # default=str: a handler's odd value must not end this thread (REP would never answer again)
+                self._socket.send_string(json.dumps(reply, default=str))
+
+    def _receive(self) -> tuple[bytes, int]:
+        """The request's bytes (up to the limit) and its whole size. REP must read every frame of a multipart
+        request before it may reply; frames past the limit are read and dropped, never joined."""
+        raw, size, more = b"", 0, True
+        while more:
+            frame = self._socket.recv()
+            size += len(frame)
+            if size <= MAX_REQUEST_BYTES:
+                raw += frame
+            more = bool(self._socket.getsockopt(zmq.RCVMORE))
+        return raw, size
+
+    def _answer(self, raw: bytes, size: int) -> dict[str, Any]:
+        try:
+            if size > MAX_REQUEST_BYTES:
+                raise ValueError(f"request of {size} bytes is over the {MAX_REQUEST_BYTES} byte limit")
+            return {"ok": True, **self._handler(parse_request(raw, self._commands))}
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a failing handler must still answer, or the REP socket wedges
+            log.exception("control command failed")
+            return {"ok": False, "error": f"internal error: {exc}"}
 
     def close(self) -> None:
         self._stop.set()

@@ -7,8 +7,10 @@ Flower's per-message ClientApp processes: zk0.agent.learning_worker). The worker
 once the worker answers, so no round reaches a node whose worker is still importing torch.
 
 Each process is the agent's child in its own process group (stopped with everything below it); when one exits
-it is restarted after a backoff that doubles from 1 s to 60 s and resets once a run has lasted 5 minutes, so a
-SuperLink that is down for an hour costs a few dozen restarts, not thousands.
+(or cannot be started) what is left of its group is ended and it is restarted after a backoff that doubles from
+1 s to 60 s and resets once a run has lasted 5 minutes, so a SuperLink that is down for an hour costs a few dozen
+restarts, not thousands. Each start and exit is an event (`supernode`, `learn-worker`); `zk0ctl status --json`
+shows each process under `federation` (running, pid, restarts, how the last run ended, its log).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zk0.agent.daemon_jobs import without_systemd
-from zk0.common.flower_process import ManagedProcess, flower_env
+from zk0.common.flower_process import LaunchError, ManagedProcess, flower_env
 
 log = logging.getLogger("zk0.agent.supernode")
 FIRST_BACKOFF_S, MAX_BACKOFF_S, STABLE_RUN_S = 1.0, 60.0, 300.0
@@ -35,26 +37,39 @@ def next_backoff(previous_s: float, ran_s: float) -> float:
 
 
 class Supervised:
-    """One child process restarted with backoff; `start` makes it (a ManagedProcess)."""
+    """One child process restarted with backoff; `start` makes it (a ManagedProcess). `describe` is its state for
+    `zk0ctl status`, `on_event(name, status=...)` reports each start and exit (the agent's event stream)."""
 
     def __init__(self, name: str, start: Callable[[], ManagedProcess], on_event: Callable[..., object]) -> None:
         self.name, self._start, self._on_event = name, start, on_event
         self.process: ManagedProcess | None = None
         self._started_at = self._backoff_s = self._next_start = 0.0
         self.restarts = 0
+        self.last_exit: str | None = None  # how the last run ended, for the operator
+        self.log_path: Path | None = None  # kept while it waits to restart: that is when its log is read
 
     def tick(self, now: float, may_start: bool = True) -> None:
         if self.process is not None and not self.process.running():
             code, ran_s = self.process.process.returncode, now - self._started_at
-            self._backoff_s = next_backoff(self._backoff_s, ran_s)
-            self._next_start, self.process = now + self._backoff_s, None
-            log.warning("%s exited with %s after %.0f s; restart in %.0f s", self.name, code, ran_s, self._backoff_s)
-            self._on_event(self.name, status="exited", returncode=code, restart_in_s=self._backoff_s)
+            # what it started in its group (SuperExec, ClientApps) would otherwise outlive it, beside the next one
+            self.process.stop()
+            self.process = None
+            self._retry_later(now, ran_s, f"exited with {code} after {ran_s:.0f} s", status="exited", returncode=code)
         if self.process is None and may_start and now >= self._next_start:
-            self.process = self._start()
-            self._started_at = now
+            try:
+                self.process = self._start()
+            except (OSError, LaunchError) as error:  # e.g. flower-supernode missing: retried, not a loop crash
+                self._retry_later(now, 0.0, f"did not start: {error}", status="failed", error=str(error))
+                return
+            self._started_at, self.log_path = now, self.process.log_path
             self.restarts += self._next_start > 0
             self._on_event(self.name, status="started", pid=self.process.process.pid)
+
+    def _retry_later(self, now: float, ran_s: float, what: str, **event: object) -> None:
+        self._backoff_s = next_backoff(self._backoff_s, ran_s)
+        self._next_start, self.last_exit = now + self._backoff_s, what
+        log.warning("%s %s; restart in %.0f s", self.name, what, self._backoff_s)
+        self._on_event(self.name, restart_in_s=self._backoff_s, **event)
 
     @property
     def running(self) -> bool:
@@ -62,7 +77,8 @@ class Supervised:
 
     def describe(self) -> dict[str, Any]:
         return {"running": self.running, "pid": self.process.process.pid if self.running else None,
-                "restarts": self.restarts, "log": str(self.process.log_path) if self.process else None}
+                "restarts": self.restarts, "last_exit": self.last_exit,
+                "log": str(self.log_path) if self.log_path else None}
 
     def stop(self) -> None:
         if self.process is not None:

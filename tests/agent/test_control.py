@@ -1,13 +1,22 @@
-"""The agent control API over real ZeroMQ sockets, and `zk0ctl` driving a real `zk0 record` session (which
-refuses training leases while it records)."""
+"""The agent control API over real ZeroMQ sockets, its socket's access rule (the agent's group only) against
+clients running as other users, and `zk0ctl` driving a real `zk0 record` session (which refuses training leases
+while it records)."""
 
 from __future__ import annotations
 
+import errno
+import grp
 import json
 import os
+import shutil
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,6 +91,18 @@ def test_server_answers_commands_errors_and_handler_failures(tmp_path: Path) -> 
         server.close()
 
 
+def test_a_reply_value_json_cannot_encode_is_sent_as_text(tmp_path: Path) -> None:
+    """A handler's value outside JSON (a Path) is sent as text: the serving thread must not die on it, or every
+    later request would go unanswered."""
+    address = f"ipc://{tmp_path}/control.sock"
+    server = ControlServer(address, COMMANDS, lambda req: {"where": tmp_path / req.command})
+    try:
+        assert request(address, "status") == {"ok": True, "where": str(tmp_path / "status")}
+        assert request(address, "save") == {"ok": True, "where": str(tmp_path / "save")}
+    finally:
+        server.close()
+
+
 def test_server_passes_checked_arguments_to_the_handler(tmp_path: Path) -> None:
     seen: list[Request] = []
 
@@ -97,6 +118,80 @@ def test_server_passes_checked_arguments_to_the_handler(tmp_path: Path) -> None:
         assert seen == [Request("spin", 300)]
     finally:
         server.close()
+
+
+AS_OTHER_USERS = pytest.mark.skipif(os.geteuid() != 0, reason="acting as other users needs root")
+NOBODY = 65534  # uid and gid of the clients: no file of the test belongs to them
+
+
+def as_nobody(groups: list[int], action: Callable[[], int]) -> int:
+    """The exit status of `action()` run as user and group nobody with supplementary `groups` only: a forked child,
+    not a new interpreter (this one may live where nobody may not read, as pyenv's under /root)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.setgroups(groups)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            code = action()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def connect_errno(path: Path) -> int:
+    """0 when this process may connect to the unix socket at `path`, else the errno the kernel refused it with."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError as error:
+            return error.errno
+    return 0
+
+
+def answers_status(address: str, timeout_s: float) -> int:
+    """0 when `status` gets an ok reply at `address`, 1 when nothing answers (what zk0ctl exits with), else 2."""
+    try:
+        return 0 if request(address, "status", timeout_s)["ok"] else 2
+    except TimeoutError:
+        return 1
+
+
+def socket_group() -> grp.struct_group:
+    """The agent's socket group (zk0) where it exists, else a system group standing in for it (not nobody's)."""
+    from zk0.agent.daemon import SOCKET_GROUP
+
+    groups = [g for g in grp.getgrall() if g.gr_gid not in (0, NOBODY)]
+    return next((g for g in groups if g.gr_name == SOCKET_GROUP), groups[0])
+
+
+@AS_OTHER_USERS
+def test_the_control_socket_answers_its_group_and_no_other_user(monkeypatch) -> None:
+    from zk0.agent import daemon
+
+    group = socket_group()
+    monkeypatch.setattr(daemon, "SOCKET_GROUP", group.gr_name)
+    # under /tmp itself, passable by anyone (tmp_path's parents are root's alone): the socket's mode is the gate
+    runtime = Path(tempfile.mkdtemp(prefix="zk0-run-", dir="/tmp"))
+    runtime.chmod(0o711)
+    seen: list[str] = []
+    path, address = runtime / "agent.sock", f"ipc://{runtime}/agent.sock"
+    server = ControlServer(address, COMMANDS, lambda req: seen.append(req.command) or {"state": "idle"})
+    try:
+        daemon.restrict_socket(path)  # what the agent does to its sockets once they are bound
+        info = os.stat(path)
+        assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == group.gr_gid
+        assert as_nobody([], lambda: connect_errno(path)) == errno.EACCES  # the kernel refuses the connection
+        assert as_nobody([], lambda: answers_status(address, 1.0)) == 1
+        assert seen == []  # nothing reached the server
+        assert as_nobody([group.gr_gid], lambda: answers_status(address, 10.0)) == 0
+        assert seen == ["status"]
+    finally:
+        server.close()
+        shutil.rmtree(runtime)
 
 
 def test_zk0ctl_says_when_no_agent_answers(tmp_path: Path, capsys) -> None:

@@ -5,6 +5,7 @@ socket, and random config files against the config loader (each is a clear Confi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zk0.agent.control import ControlServer, request
+from zk0.agent.control import MAX_REQUEST_BYTES, ControlServer, request
 from zk0.agent.daemon import sim_defaults
 from zk0.agent.daemon_core import COMMANDS, AgentCore, AgentPaths
 from zk0.agent.daemon_state import State
@@ -22,12 +23,44 @@ from zk0.agent.events import EventPublisher
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
                                                                                          max_size=4), max_leaves=12)
-REQUESTS = st.one_of(
-    st.binary(max_size=200),
-    JSON.map(lambda value: json.dumps(value).encode()),
-    st.fixed_dictionaries({"command": st.sampled_from(sorted(COMMANDS)) | st.text(max_size=10)},
-                          optional={"args": JSON}).map(lambda value: json.dumps(value).encode()),
-)
+OVERSIZED = st.integers(MAX_REQUEST_BYTES + 1, 4 * MAX_REQUEST_BYTES)
+
+
+def messages(commands: Iterable[str]) -> st.SearchStrategy[list[bytes]]:
+    """Control messages (each a list of ZeroMQ frames): binary, random JSON, requests naming one of `commands` or
+    none with random arguments, requests over the size limit, and multipart messages (a request split in two,
+    or frames that were each a message, some of them over the limit)."""
+    frame = st.one_of(
+        st.binary(max_size=200),
+        JSON.map(lambda value: json.dumps(value).encode()),
+        st.fixed_dictionaries({"command": st.sampled_from(sorted(commands)) | st.text(max_size=10)},
+                              optional={"args": JSON}).map(lambda value: json.dumps(value).encode()),
+    )
+    oversized = OVERSIZED.map(lambda n: json.dumps({"command": "status", "args": {"padding": "x" * n}}).encode()) \
+        | OVERSIZED.map(lambda n: b"\xff" * n)
+    split = frame.flatmap(lambda raw: st.integers(0, len(raw)).map(lambda at: [raw[:at], raw[at:]]))
+    return st.one_of(frame.map(lambda raw: [raw]), oversized.map(lambda raw: [raw]), split,
+                     st.lists(frame, min_size=2, max_size=4), st.lists(frame | oversized, min_size=2, max_size=4))
+
+
+def exchange(address: str, frames: list[bytes], timeout_s: float = 5.0) -> dict:
+    """Send one message (its `frames`) on a fresh REQ socket; the reply, checked to be a well-formed answer that
+    refuses what the server cannot take. AssertionError when none comes within `timeout_s`."""
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+    try:
+        socket.send_multipart(frames)
+        assert socket.poll(int(timeout_s * 1000)), f"no reply within {timeout_s} s"
+        reply = json.loads(socket.recv())
+    finally:
+        socket.close()
+    assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), reply
+    assert reply["ok"] or isinstance(reply.get("error"), str), reply
+    assert not str(reply.get("error", "")).startswith("internal error"), reply  # refused, never a failing handler
+    if sum(map(len, frames)) > MAX_REQUEST_BYTES:
+        assert reply["ok"] is False and "byte limit" in reply["error"], reply
+    return reply
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +82,11 @@ def agent(tmp_path_factory):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=REQUESTS)
-def test_any_message_gets_a_reply_and_the_agent_keeps_answering(agent, raw: bytes) -> None:
+@given(frames=messages(COMMANDS))
+def test_any_message_gets_a_reply_and_the_agent_keeps_answering(agent, frames: list[bytes]) -> None:
     address, core = agent
     core.state = State.ESTOPPED
-    context = zmq.Context.instance()
-    socket = context.socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(address)
-    try:
-        socket.send(raw)
-        assert socket.poll(5000), "no reply within 5 s"
-        reply = json.loads(socket.recv())
-        assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool)
-        assert reply["ok"] or isinstance(reply.get("error"), str)
-    finally:
-        socket.close()
+    exchange(address, frames)
     assert core.job is None
 
 
