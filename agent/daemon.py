@@ -8,13 +8,18 @@ their work to (zk0.agent.supernode). Operators and tools talk
 to it through `zk0ctl` at `<runtime-dir>/agent.sock` (mode 0660, group zk0) and follow it at
 `<runtime-dir>/events.sock` (zk0.agent.events).
 
-systemd: READY=1 once the config is valid, the robot's devices exist and both sockets are bound; WATCHDOG=1 from
-the agent's loop at half the configured WatchdogSec, so a hung loop stops the pings; STATUS= follows the state;
-STOPPING=1 on SIGTERM, which stops the job (the recorder saves its episode, a rollout holds then cuts torque),
-revokes the lease, stops the SuperNode and exits 0. SIGHUP reloads the config; an invalid one is refused, logged
-and the old one kept. `--sim` runs every job on the simulated rig with the scripted operator, and needs no
-config file; the agent starts that rig once and keeps it (`SimRig`), as a real host's arms and cameras exist
-before any job, so a job only connects to it.
+systemd: READY=1 once the config is valid, both sockets are bound and the hardware answers: every motor of both
+arms answers a ping and every camera delivers a frame (zk0.agent.readiness). Until then the agent is `starting`:
+STATUS= and `zk0ctl status` say what is missing, requests other than status and estop are refused, the check is
+retried, and after two minutes the agent exits 1 for systemd to restart it. WATCHDOG=1 from the agent's loop at
+half the configured WatchdogSec, so a hung loop stops the pings; STATUS= follows the state. SIGTERM: STOPPING=1,
+no new job or lease from then on, the lease is revoked (its holder stops training at the next step boundary), the
+job is stopped (a recording saves the episode in progress as far as it got, committed whole like every episode,
+and disconnects the arms, which turns the follower's torque off; a rollout or validation holds, then cuts
+torque), the SuperNode and learning worker are stopped, and the agent exits 0. SIGHUP reloads the config; an
+invalid one is refused, logged and the old one kept. `--sim` runs every job on the simulated rig with the
+scripted operator, and needs no config file; the agent starts that rig once and keeps it (`SimRig`), as a real
+host's arms and cameras exist before any job, so a job only connects to it, and checks it before READY.
 """
 
 from __future__ import annotations
@@ -133,7 +138,8 @@ class Agent:
         self.events = EventPublisher(self.paths.events)
         federation = config.federation
         store = federation.policy_store if federation else self.paths.state_dir / "policies"
-        self.core = AgentCore(config, self.paths, args.sim, store, self.events.publish)
+        # STARTING until the hardware answered (serve): no job may race the check for the bus
+        self.core = AgentCore(config, self.paths, args.sim, store, self.events.publish, starting=True)
         # before the control socket exists: no request can change the state ahead of this event
         self.events.publish("state", state=self.core.state.value, previous=None, reason="agent started")
         self._write_effective_config(config)
@@ -176,12 +182,19 @@ class Agent:
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         interval = systemd.watchdog_interval_s()
         ping_every = interval / 2 if interval else None
-        hang_at = _drill_hang_at()
-        systemd.ready(self._status_line())
-        log.info("zk0 agent ready: control %s, events %s, state %s%s", self.paths.control, self.paths.events,
-                 self.paths.state_dir, " (sim)" if self.args.sim else "")
         last_ping = 0.0
         try:
+            decision = self._await_hardware()
+            if decision is None:  # SIGTERM while starting
+                return 0
+            if decision.action == "give-up":
+                log.error("zk0 agent not ready, giving up: %s", decision.reason)
+                return 1
+            self.core.ready(decision.reason)
+            hang_at = _drill_hang_at()
+            systemd.ready(self._status_line())
+            log.info("zk0 agent ready (%s): control %s, events %s, state %s%s", decision.reason, self.paths.control,
+                     self.paths.events, self.paths.state_dir, " (sim)" if self.args.sim else "")
             while not self._stop.wait(LOOP_PERIOD_S):
                 if hang_at is not None and time.monotonic() >= hang_at:
                     log.warning("drill: the agent's loop hangs now (%s)", DRILL_ENV)
@@ -204,6 +217,31 @@ class Agent:
         finally:
             self._shutdown()
         return 0
+
+    def _await_hardware(self):
+        """zk0.agent.readiness's verdict on the hardware the jobs will open (the --sim rig's with --sim); None when
+        SIGTERM came first."""
+        from zk0.agent import readiness
+        from zk0.agent.daemon_jobs import without_systemd
+
+        def attempt() -> list[str]:
+            self._keep_sim_rig()  # with --sim: a rig that failed to start is retried here
+            if self.sim_rig is None:
+                hardware = readiness.config_hardware(self.core.config)
+            elif self.sim_rig.info is None:
+                return ["the simulated rig is not up"]
+            else:
+                hardware = readiness.rig_hardware(self.sim_rig.info)
+            return readiness.run_probe(hardware, self._stop, without_systemd(os.environ))
+
+        def report(decision) -> None:
+            if decision.action != "ready":
+                log.warning("zk0 agent not ready: %s", decision.reason)
+                self.core.not_ready(decision.reason)
+                self._send_status()
+
+        self._send_status()
+        return readiness.wait_until_ready(attempt, report, self._stop)
 
     def _keep_sim_rig(self) -> None:
         """With --sim: (re)start the rig when it is missing, died, or no longer simulates the config (SIGHUP), never
@@ -260,13 +298,11 @@ class Agent:
 
         systemd.stopping("stopping")
         log.info("zk0 agent stopping")
-        with self.core.lock:
-            job, lease_held = self.core.job, self.core.lease is not None
-            if lease_held:
-                self.core.end_lease("revoked: the agent is stopping")
-        if job is not None and job.running:
+        job = self.core.begin_stopping()
+        if job is not None:
             code = job.stop()
             log.info("%s job stopped (exit status %s)", job.kind, code)
+            self.core.tick()  # how it ended: its event and the state it leaves, before "stopped"
         if self.federation is not None:
             self.federation.stop()
         self.core.zygote.close()
@@ -299,6 +335,11 @@ class SimRig:
         self.retry_at = 0.0  # time.monotonic()
         self._rig = None
         self._options: dict[str, Any] | None = None
+
+    @property
+    def info(self) -> dict[str, Any] | None:
+        """The running rig's description (ports, cameras); None when there is none."""
+        return self._rig.info if self.serving is not None else None
 
     @property
     def serving(self) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ log = logging.getLogger("zk0.agent")
 SESSION_COMMANDS = ("save", "discard", "rerecord", "stop")  # a recording session's own commands, forwarded
 ALWAYS_ON_TRAINING = {"daily": ["00:00-24:00"]}
 POLICY_TIMEOUT_S = 120.0
+STARTING_HOLD = "starting (checking its robot and cameras)"
 ARRIVAL_CHECK_S = 1.0  # how often the loop looks for a newly delivered global (a directory listing)
 
 COMMANDS = {
@@ -106,14 +107,16 @@ class HeldLease:
 
 class AgentCore:
     def __init__(self, config: Any, paths: AgentPaths, sim: bool, policy_store: Path,
-                 publish: Callable[..., object]) -> None:
+                 publish: Callable[..., object], starting: bool = False) -> None:
         self.config = config
         self.paths = paths
         self.sim = sim
         self.policy_store = policy_store
         self.publish = publish
         self.lock = threading.RLock()
-        self.state, self.reason = State.IDLE, "started"
+        # `starting`: STARTING until the shell's hardware check passed (`ready`), else IDLE at once
+        self.state = State.STARTING if starting else State.IDLE
+        self.reason = "checking the robot and cameras" if starting else "started"
         self.job: Job | None = None
         self.lease: HeldLease | None = None
         self.training = "rules"  # "rules", "paused" (zk0ctl train pause) or "now" (the next lease ignores the hours)
@@ -121,6 +124,9 @@ class AgentCore:
         self.started = time.time()
         self.extra_status: Callable[[], dict[str, Any]] = dict  # what the process shell adds (its children)
         self.zygote = None  # zk0.agent.job_zygote.Zygote, set by the process shell: jobs start warm from it
+        # Why the agent takes no new work (starting: until the hardware answered, even when estopped meanwhile;
+        # stopping: after SIGTERM), None while it does. Status and estop are always answered.
+        self.unavailable: str | None = STARTING_HOLD if starting else None
         self.arrivals = ArrivalWatch(policy_store / "versions")
         self._next_arrival_check = 0.0
 
@@ -153,6 +159,28 @@ class AgentCore:
             if self.lease is not None and time.monotonic() >= self.lease.expires_at:
                 self.end_lease("lease expired (the node stopped renewing)")
 
+    def not_ready(self, reason: str) -> None:
+        """The hardware check failed (the shell retries it): the status says why."""
+        with self.lock:
+            if self.state is State.STARTING:
+                self.reason = reason
+
+    def ready(self, reason: str) -> None:
+        """The hardware check passed: the agent takes work (IDLE, or still ESTOPPED if estopped meanwhile)."""
+        with self.lock:
+            self.unavailable = None
+            if self.state is State.STARTING:
+                self._to(Event.READY, reason)
+
+    def begin_stopping(self) -> Job | None:
+        """SIGTERM: no new job or lease from now on, and the lease is revoked (its holder hears it on the event
+        stream and stops training at its next step boundary); the job still running, for the shell to stop."""
+        with self.lock:
+            self.unavailable = "stopping"
+            if self.lease is not None:
+                self.end_lease("revoked: the agent is stopping")
+            return self.job if self.job is not None and self.job.running else None
+
     def end_lease(self, reason: str) -> None:
         """Revoke or close the lease (its holder hears it on the event stream at once) and leave TRAINING."""
         if self.lease is not None and self.lease.override:
@@ -169,7 +197,7 @@ class AgentCore:
             "holder": self.lease.holder, "expires_in_s": round(self.lease.expires_at - time.monotonic(), 1),
             "progress": None if self.lease.progress is None else self.lease.progress.to_args()}
         return {"state": self.state.value, "reason": self.reason, "sim": self.sim, "job": job, "lease": held,
-                "events": self.paths.events,
+                "events": self.paths.events, "unavailable": self.unavailable,
                 "training": self.training, "policy_store": str(self.policy_store),
                 "warm_jobs": self.zygote is not None and self.zygote.ready,
                 "datasets_root": str(self.config.datasets_root), "uptime_s": round(time.time() - self.started, 1),
@@ -184,6 +212,8 @@ class AgentCore:
                 return self.status()
             if command in lease.COMMANDS:
                 return self._lease(request)
+            if self.unavailable is not None and command != "estop":
+                raise ValueError(f"{command}: the agent is {self.unavailable}")
             self._operator_acted()
             if command == "estop":
                 return self._estop()
@@ -292,6 +322,8 @@ class AgentCore:
                 self.end_lease(f"released by {self.lease.holder or 'the node'}")
             return {"released": released}
         renewal = request.command == lease.RENEW
+        if self.unavailable is not None:  # starting (no lease yet) or stopping (the lease was revoked)
+            return lease.LeaseRefusal(f"the agent is {self.unavailable}").to_reply()
         if renewal and (self.lease is None or self.lease.lease_id != args.lease_id):
             return lease.LeaseRefusal("no such lease (it was revoked or expired)").to_reply()
         if not renewal and args.purpose != lease.PURPOSE_TRAIN:

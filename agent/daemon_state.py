@@ -3,8 +3,10 @@
 One state at a time, because one owner drives the arm: recording, rollout and validation each hold the robot;
 training holds only the CPU (through a lease a Flower node asked for) and gives way to any of them. A job that
 ends badly leaves FAULT, an emergency stop ESTOPPED; both keep every new job out until an operator clears
-them (`zk0ctl clear`), so nothing starts moving an arm whose state nobody has looked at.
+them (`zk0ctl clear`), so nothing starts moving an arm whose state nobody has looked at. The agent starts in
+STARTING, where nothing starts either, until its robot and cameras answered (zk0.agent.readiness).
 
+    STARTING ──ready──► IDLE      (an estop while starting holds: ESTOPPED until cleared)
     IDLE ──record/rollout/validate──► RECORDING | ROLLOUT | VALIDATING ──job done──► IDLE
       │ ▲                                 ▲            └──job failed──► FAULT ──clear──► IDLE
       │ └──lease ended── TRAINING ──record/rollout/validate (preempts: the lease is revoked)
@@ -18,6 +20,7 @@ from enum import Enum
 
 
 class State(str, Enum):
+    STARTING = "starting"  # the robot and cameras have not answered the agent's check yet
     IDLE = "idle"
     RECORDING = "recording"
     TRAINING = "training"
@@ -37,12 +40,14 @@ class Event(str, Enum):
     LEASE_ENDED = "lease-ended"  # released, expired or revoked
     ESTOP = "estop"
     CLEAR = "clear"  # an operator acknowledges a fault or an estop
+    READY = "ready"  # the robot and cameras answered: the agent takes work
 
 
 JOB_STATES = {Event.RECORD: State.RECORDING, Event.ROLLOUT: State.ROLLOUT, Event.VALIDATE: State.VALIDATING}
 ROBOT_STATES = frozenset(JOB_STATES.values())  # states in which a job drives the robot
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.STARTING, Event.READY): State.IDLE,
     **{(State.IDLE, event): state for event, state in JOB_STATES.items()},
     **{(State.TRAINING, event): state for event, state in JOB_STATES.items()},  # preemption
     **{(state, Event.JOB_DONE): State.IDLE for state in ROBOT_STATES},
@@ -75,6 +80,8 @@ def next_state(state: State, event: Event, job_running: bool = False) -> State:
 
 def _why(state: State, event: Event) -> str:
     if event in JOB_STATES:
+        if state is State.STARTING:
+            return f"cannot start {event.value}: the agent is starting (checking its robot and cameras)"
         if state in (State.FAULT, State.ESTOPPED):
             return f"cannot start {event.value}: the agent is {state.value}; `zk0ctl clear` after checking the robot"
         return f"cannot start {event.value}: {state.value} in progress"

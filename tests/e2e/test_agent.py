@@ -1,9 +1,11 @@
 """`zk0 agent --sim` as systemd runs it: a subprocess with NOTIFY_SOCKET at a test datagram socket.
 
-- READY arrives once the sockets are bound; WATCHDOG pings keep coming at half the configured WatchdogSec;
-  STATUS follows the state through a recording session driven by `zk0ctl` only (2 episodes); a standalone
-  `zk0 record` refuses while the agent owns the robot; SIGHUP with a broken config keeps the old one; SIGTERM
-  stops cleanly (STOPPING, exit 0).
+- READY arrives once the sockets are bound and the simulated rig's arms and cameras answered the agent's check;
+  WATCHDOG pings keep coming at half the configured WatchdogSec; STATUS follows the state through a recording
+  session driven by `zk0ctl` only (2 episodes); a standalone `zk0 record` refuses while the agent owns the robot;
+  SIGHUP with a broken config keeps the old one, with a valid changed one takes it (the next recording goes to the
+  new datasets root); SIGTERM in the middle of that recording's episode: the episode is committed as far as it got,
+  the dataset loads, no process of the job is left, STOPPING, exit 0.
 - The drill `ZK0_AGENT_DRILL=hang-loop-after:S` hangs the agent's loop: the pings stop.
 """
 
@@ -42,6 +44,8 @@ def zk0ctl(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_agent_under_systemd_records_through_zk0ctl_reloads_and_stops(tmp_path: Path, notify_socket: NotifyListener) -> None:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
     config = tmp_path / "agent.yaml"
     good = (REPO / "configs" / "agent.yaml").read_text().replace(
         "datasets_root: /var/lib/zk0/datasets", f"datasets_root: {tmp_path / 'state' / 'datasets'}")
@@ -77,15 +81,64 @@ def test_agent_under_systemd_records_through_zk0ctl_reloads_and_stops(tmp_path: 
         notify_socket.wait_for("RELOADING", pid=agent.pid, timeout_s=30)
         time.sleep(1.0)
         assert zk0ctl(tmp_path, "status").stdout.strip() == "idle"
+
+        moved = tmp_path / "state" / "datasets-2"  # valid and changed: taken
+        config.write_text(good.replace(str(tmp_path / "state" / "datasets"), str(moved)))
+        agent.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while json.loads(zk0ctl(tmp_path, "status", "--json").stdout)["datasets_root"] != str(moved):
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        job = record_until_mid_episode(tmp_path)
     finally:
-        agent.send_signal(signal.SIGTERM)
+        agent.send_signal(signal.SIGTERM)  # with the job above: in the middle of its first episode
         output, _ = agent.communicate(timeout=120)
     assert agent.returncode == 0, output
-    assert "config reload refused, keeping the running config" in output
+    assert "robot and cameras answer" in output  # READY came after the check (zk0.agent.readiness)
+    assert "config reload refused, keeping the running config" in output and "config reloaded" in output
     notify_socket.wait_for("STOPPING", pid=agent.pid, timeout_s=5)
+    episodes = json.loads((moved / "demo" / "meta" / "zk0.json").read_text())["episodes"]
+    assert len(episodes) == 1 and 0 < episodes[0]["length"] < 60 * 30, episodes  # as far as it got of 60 s at 30 fps
+    dataset = LeRobotDataset("local/demo", root=moved / "demo")
+    assert dataset.num_episodes == 1 and dataset.num_frames == episodes[0]["length"]
+    last = dataset[dataset.num_frames - 1]  # its videos hold every frame: the last one decodes
+    assert last["observation.images.front"].shape[0] == 3 and last["observation.images.wrist"].shape[0] == 3
+    assert_gone(job)
     config.write_text(good)
     after = standalone_record(tmp_path, config)  # no agent: it gets as far as the missing serial port
     assert after.returncode == 2 and "owns the robot" not in after.stderr and "not found" in after.stderr, after.stderr
+
+
+def record_until_mid_episode(tmp_path: Path) -> dict:
+    """Start a long recording through zk0ctl and return the agent's status of its job once the job's own status
+    (its control socket) shows frames of the first episode."""
+    from zk0.agent.control import request
+
+    assert zk0ctl(tmp_path, "record", "start", "--dataset", "demo", "--task", "pick the red cube", "--episodes", "3",
+                  "--episode-time-s", "60").returncode == 0
+    job = json.loads(zk0ctl(tmp_path, "status", "--json").stdout)["job"]
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline, job
+        try:
+            progress = request(f"ipc://{tmp_path / 'run' / 'job.sock'}", "status", 2.0)
+        except TimeoutError:  # the job's control socket is not up yet
+            continue
+        if progress.get("episode") == 0 and progress.get("frames", 0) > 0:
+            return job
+        time.sleep(0.2)
+
+
+def assert_gone(job: dict) -> None:
+    """No process of the job's group (the recorder, its dataset writer) is left once the agent exited."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(job["pid"], 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"the {job['kind']} job's processes outlived the agent"
+        time.sleep(0.2)
 
 
 def standalone_record(tmp_path: Path, config: Path) -> subprocess.CompletedProcess:
