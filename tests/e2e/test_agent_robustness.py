@@ -33,7 +33,9 @@ from zk0.agent.daemon import SOCKET_GROUP
 from zk0.agent.daemon_core import COMMANDS
 
 pytestmark = pytest.mark.slow
-WATCHDOG_S = 2.0  # WatchdogSec: the agent pings every 1 s; a gap of 2 s is where systemd would kill it
+# WatchdogSec: the agent pings every 2 s; a gap of 4 s is where systemd would kill it (a loaded machine may
+# delay one ping by a beat, not two)
+WATCHDOG_S = 4.0
 
 
 @dataclass
@@ -53,7 +55,7 @@ class RunningAgent:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory) -> Iterator[RunningAgent]:
-    """One `zk0 agent --sim`, estopped once ready. Its runtime dir is passable by anyone (tmp_path's parents are
+    """One `zk0 agent --sim`, estopped once ready and its loop pinging. Its runtime dir is passable by anyone (tmp_path's parents are
     root's alone), so the sockets' own mode and group are what keep other users out."""
     root = tmp_path_factory.mktemp("agent")
     runtime = Path(tempfile.mkdtemp(prefix="zk0-run-", dir="/tmp"))
@@ -66,6 +68,7 @@ def agent(tmp_path_factory) -> Iterator[RunningAgent]:
         running = RunningAgent(process, runtime, notify, root / "agent.log")
         try:
             notify.wait_for("READY", pid=process.pid, timeout_s=120)
+            notify.wait_for("WATCHDOG", pid=process.pid, timeout_s=WATCHDOG_S)  # its loop runs
             assert request(running.control, "estop", 30.0)["state"] == "estopped"
             yield running
         finally:
@@ -101,12 +104,12 @@ def test_fuzzed_messages_never_crash_or_stall_the_running_agent(agent: RunningAg
     fuzzed = time.monotonic()
     assert agent.process.poll() is None, agent.log_tail()
 
-    # the loop went on all along (a gap of WatchdogSec and systemd would have killed it) and still pings
-    agent.notify.wait_for("WATCHDOG", pid=agent.process.pid, after_s=fuzzed, timeout_s=2 * WATCHDOG_S)
+    # the loop went on all along, from a ping before the fuzzing to one after it, never a whole WatchdogSec apart
+    # (systemd would have killed it)
+    agent.notify.wait_for("WATCHDOG", pid=agent.process.pid, after_s=fuzzed, timeout_s=WATCHDOG_S)
     pings = [t for t in agent.notify.times("WATCHDOG", pid=agent.process.pid) if t >= started - WATCHDOG_S]
     gaps = [later - earlier for earlier, later in zip(pings, pings[1:])]
-    assert pings[0] < started + WATCHDOG_S and max(gaps) < WATCHDOG_S, (started, pings)
-    assert any(started < t < fuzzed for t in pings), (started, fuzzed, pings)  # it pinged while being fuzzed
+    assert pings[0] < started and max(gaps) < WATCHDOG_S, (started, fuzzed, pings)
 
     status = subprocess.run([sys.executable, "-c", "import sys; from zk0.agent.ctl import main; sys.exit(main())",
                              "status", "--json", "--runtime-dir", str(agent.runtime)],
