@@ -173,11 +173,12 @@ def _rollout(config, args: argparse.Namespace) -> int:
         if args.report:
             args.report.write_text(json.dumps({"policy": version, "inference": config.rollout.inference,
                                                "backend": config.rollout.backend, "fps": fps,
-                                               "stopped": summary.stopped, "warm_up_s": warm_s,
+                                               "stopped": summary.stopped, "estop": estop.source, "warm_up_s": warm_s,
                                                "episodes": [dataclasses.asdict(e) for e in summary.episodes]}, indent=1))
         if summary.stopped is None:
             return 0
-        print(f"zk0 rollout: stopped: {summary.stopped}", file=sys.stderr)
+        by = f" (from {estop.source})" if estop.source else ""
+        print(f"zk0 rollout: stopped: {summary.stopped}{by}", file=sys.stderr)
         return 3 if estop.requested_at is not None else 1
 
 

@@ -17,8 +17,10 @@ torque at once, keeps a loaded arm from dropping onto whatever made the operator
 
 from __future__ import annotations
 
-import threading
+import os
+import select
 import time
+import weakref
 from dataclasses import dataclass
 from enum import Enum
 
@@ -57,23 +59,36 @@ def guard_step(state: GuardState, now: float, last_action_at: float, estop_at: f
 
 class Estop:
     """An emergency-stop request, from any thread or a signal handler: records when it was first asked for and
-    wakes the control loop if it is sleeping to its next deadline (so HOLD goes out at once, not a tick later)."""
+    wakes the control loop if it is sleeping to its next deadline (so HOLD goes out at once, not a tick later).
+
+    The wake-up is a byte on a pipe, not a `threading.Event`: a SIGINT/SIGTERM handler runs in the main thread
+    between two bytecodes, possibly while that same thread is inside `Event.wait` holding the event's lock, and
+    `Event.set` would then wait for that lock forever (the arm never held, torque never cut). `os.write` takes no
+    lock, and a poll interrupted by the signal is retried (PEP 475), finding the byte."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
         self.requested_at: float | None = None  # time.perf_counter() of the first request
         self.source: str | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._poll = select.poll()
+        self._poll.register(self._wake_r, select.POLLIN)
+        weakref.finalize(self, _close_all, self._wake_r, self._wake_w)
 
     def request(self, source: str) -> None:
         if self.requested_at is None:
             self.requested_at, self.source = time.perf_counter(), source
-        self._event.set()
+            os.write(self._wake_w, b"!")  # at most a byte or two (racing threads) ever: never blocks
 
     def sleep(self, seconds: float) -> None:
         """Sleep `seconds`, or less if an estop is requested meanwhile (time.sleep once one has been)."""
         if seconds <= 0:
             return
-        if self._event.is_set():
+        if self.requested_at is not None:
             time.sleep(seconds)
         else:
-            self._event.wait(seconds)
+            self._poll.poll(seconds * 1e3)
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -1,8 +1,11 @@
 """The rollout loop against an in-memory arm: watchdog hold and torque off for a stalled policy, estop
-sequencing, non-finite actions held and flagged in the recorded frames, the control API's estop."""
+sequencing, non-finite actions held and flagged in the recorded frames, the control API's estop, SIGINT and
+SIGTERM requesting it."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from types import SimpleNamespace
@@ -193,3 +196,20 @@ def test_control_api_takeover_estop_and_lease_refusal() -> None:
     assert handle(Request("estop"))["accepted"] == "estop" and estop.source == "zk0ctl"
     refusal = handle(Request("lease", SimpleNamespace(purpose="train", ttl_s=30, holder="n")))
     assert refusal["granted"] is False and "rollout" in refusal["reason"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_request_the_estop_instead_of_ending_the_process(signum) -> None:
+    from zk0.agent.rollout_cli import estop_on_signals
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        estop = estop_on_signals()
+        os.kill(os.getpid(), signum)
+        deadline = time.monotonic() + 5.0
+        while estop.requested_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert estop.source == signum.name
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

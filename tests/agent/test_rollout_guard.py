@@ -1,8 +1,10 @@
 """The watchdog / estop transition table with the design's numbers (hold 200 ms, torque off 1 s, estop hold
-0.5 s), and the estop trigger waking a sleeping loop."""
+0.5 s), and the estop trigger waking a sleeping loop, from another thread or a signal handler."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -46,3 +48,17 @@ def test_estop_wakes_a_sleeping_loop_and_keeps_the_first_request() -> None:
     started = time.perf_counter()
     estop.sleep(0.05)  # after a request, a plain sleep (the estop's own hold is timed by the loop)
     assert time.perf_counter() - started >= 0.05
+
+
+def test_a_signal_handler_wakes_the_loop_it_interrupts() -> None:
+    """The handler runs in the sleeping thread itself (as SIGINT/SIGTERM do in `zk0 rollout`); SIGUSR1 here, so
+    pytest's own handlers stay untouched."""
+    estop = Estop()
+    previous = signal.signal(signal.SIGUSR1, lambda num, _: estop.request(signal.Signals(num).name))
+    try:
+        threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGUSR1)).start()
+        started = time.perf_counter()
+        estop.sleep(5.0)
+        assert time.perf_counter() - started < 1.0 and estop.source == "SIGUSR1"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -4,7 +4,8 @@ from the policy store, the bus trace (what the simulated servos actually receive
 - `--policy active` from a store, recorded with --record: episodes, verdicts, intervention flags, policy version.
 - A checkpoint whose action head is NaN (sync engine) or scaled by 1e3 (RTC engine): every goal on the bus is
   inside the calibrated limits and every step inside the envelope's bound; the interventions are reported.
-- `zk0ctl estop`: the arm holds at once and goes limp estop_hold_s later.
+- `zk0ctl estop` and SIGTERM (then SIGINT): the arm holds at once and goes limp estop_hold_s later; exit 3, the
+  report says why.
 - `zk0 validate` on the robot (the rig through a config naming its ports, no --sim): the operator's verdicts from
   `zk0ctl verdict` end or conclude each episode and land in the report under the right policy.
 - DAgger with --dagger: `zk0ctl pause` holds the arm and drives the leader to it, `zk0ctl correct` hands the arm to
@@ -152,22 +153,35 @@ def test_corrupted_action_head_never_leaves_the_envelope(policies, tmp_path: Pat
     assert expected in report and "interventions 0 ticks" not in report, report
 
 
-def test_estop_from_zk0ctl_holds_then_cuts_torque(policies, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trigger", ["zk0ctl", "SIGTERM"])
+def test_estop_holds_then_cuts_torque(policies, tmp_path: Path, trigger: str) -> None:
+    """`zk0ctl estop`, or systemd's stop: SIGTERM to the rollout's whole process group (as a terminal's Ctrl-C
+    sends SIGINT), then a Ctrl-C during the hold, which changes nothing (the first request counts; SIGINT alone
+    is tests/agent/test_rollout.py's)."""
     from zk0.agent.ctl import main as zk0ctl
 
-    address = f"ipc://{tmp_path}/ctl.sock"
+    address, report = f"ipc://{tmp_path}/ctl.sock", tmp_path / "report.json"
     process = subprocess.Popen([sys.executable, "-m", "zk0.cli", *rollout_args(tmp_path, str(policies["checkpoint"]),
-                                "--episode-time-s", "60")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                "--episode-time-s", "60", "--report", str(report))], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               start_new_session=True)
     try:
         wait_until_driving(process, address)
         requested = time.time()
-        assert zk0ctl(["estop", "--address", address]) == 0
+        if trigger == "zk0ctl":
+            assert zk0ctl(["estop", "--address", address]) == 0
+        else:
+            os.killpg(process.pid, signal.SIGTERM)
+            time.sleep(0.2)
+            os.killpg(process.pid, signal.SIGINT)
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
-    assert process.returncode == 3, output
+    assert process.returncode == 3 and f"stopped: estop (from {trigger})" in output, output
+    assert "Traceback" not in output, output
+    summary = json.loads(report.read_text())
+    assert (summary["stopped"], summary["estop"], summary["episodes"][0]["ended"]) == ("estop", trigger, "estop")
     times, goals = follower_goals(tmp_path / "trace.jsonl")
     assert_inside_envelope(goals)
     held = goals[times > requested + 0.1]  # after a tick or two of the envelope easing the target onto the arm
