@@ -9,11 +9,14 @@ arguments get an error reply and never reach the handler, so a stray client cann
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -124,11 +127,30 @@ class ControlServer:
             log.exception("control command failed")
             return {"ok": False, "error": f"internal error: {exc}"}
 
+    @property
+    def alive(self) -> bool:
+        """Whether requests are still answered (the serving thread runs): the daemon's watchdog pings depend on it,
+        so systemd restarts an agent that can no longer hear `zk0ctl estop`."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=1.0)
         self._socket.close()
         self._context.term()
+
+
+SOCKET_GROUP = "zk0"  # members reach the agent's sockets (systemd/zk0-agent.service, `make install-units`)
+
+
+def share_with_group(path: Path | str, mode: int, group: str = SOCKET_GROUP) -> None:
+    """`path` gets `mode` and, when `group` exists, that group: a socket (0660) or the folder holding it (0750)
+    is then reachable by the agent's user and the group's members only."""
+    try:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    except (KeyError, PermissionError):
+        pass  # no such group (a developer machine): the owner-only part of the mode still applies
+    os.chmod(path, mode)
 
 
 def start_control_server(address: str, commands: Commands, handler: Handler) -> ControlServer | None:

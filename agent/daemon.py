@@ -25,7 +25,6 @@ host's arms and cameras exist before any job, so a job only connects to it, and 
 from __future__ import annotations
 
 import argparse
-import grp
 import json
 import logging
 import os
@@ -39,12 +38,12 @@ from typing import Any
 
 import yaml
 
+from zk0.agent.control import share_with_group
 from zk0.agent.record_cli import sim_rig_options
 from zk0.common.typed_yaml import to_plain
 
 DEFAULT_CONFIG = Path("/etc/zk0/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/zk0")
-SOCKET_GROUP = "zk0"
 LOOP_PERIOD_S = 0.2
 DRILL_ENV = "ZK0_AGENT_DRILL"  # "hang-loop-after:SECONDS": the loop stops (for the systemd watchdog test)
 log = logging.getLogger("zk0.agent")
@@ -114,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         prepare_dir(args.state_dir, "state dir", 0o750)
+        created = not args.runtime_dir.exists()
         prepare_dir(args.runtime_dir, "runtime dir", 0o750)
+        if created:  # a folder systemd made (RuntimeDirectory=) or the admin chose keeps its owner and mode
+            share_with_group(args.runtime_dir, 0o750)
         agent = Agent(config, args)
     except (OSError, RobotOwned) as error:
         print(f"zk0 agent: {error}", file=sys.stderr)
@@ -144,8 +146,9 @@ class Agent:
         self.events.publish("state", state=self.core.state.value, previous=None, reason="agent started")
         self._write_effective_config(config)
         self.control = ControlServer(self.paths.control, COMMANDS, self.core.handle)
+        self._control_dead_logged = False
         for path in (self.paths.runtime_dir / "agent.sock", self.paths.runtime_dir / "events.sock"):
-            restrict_socket(path)
+            share_with_group(path, 0o660)
         from zk0.agent.daemon_jobs import without_systemd
         from zk0.agent.job_zygote import Zygote
 
@@ -211,12 +214,21 @@ class Agent:
                     self._send_status()
                 except Exception:  # one bad tick must not end the agent that keeps the robot safe; it is logged
                     log.exception("agent loop tick failed")
-                if ping_every and time.monotonic() - last_ping >= ping_every:
+                if ping_every and time.monotonic() - last_ping >= ping_every and self._control_alive():
                     systemd.watchdog()
                     last_ping = time.monotonic()
         finally:
             self._shutdown()
         return 0
+
+    def _control_alive(self) -> bool:
+        """Whether the control API still answers; once it does not, the watchdog pings stop (logged once)."""
+        if self.control.alive:
+            return True
+        if not self._control_dead_logged:
+            log.error("the control API stopped answering: watchdog pings stop, so systemd restarts the agent")
+            self._control_dead_logged = True
+        return False
 
     def _await_hardware(self):
         """zk0.agent.readiness's verdict on the hardware the jobs will open (the --sim rig's with --sim); None when
@@ -376,15 +388,6 @@ class SimRig:
         if self._rig is not None:
             self._rig.close()
         self._rig, self._options = None, None
-
-
-def restrict_socket(path: Path) -> None:
-    """Mode 0660 and group zk0 (when the group exists): only the agent's user and the zk0 group reach it."""
-    try:
-        os.chown(path, -1, grp.getgrnam(SOCKET_GROUP).gr_gid)
-    except (KeyError, PermissionError):
-        pass  # no zk0 group (a developer machine): the owner-only part of the mode still applies
-    os.chmod(path, 0o660)
 
 
 def _drill_hang_at() -> float | None:

@@ -1,10 +1,12 @@
 """The agent's event stream: one JSON object per event on a ZeroMQ PUB socket (`<runtime-dir>/events.sock`).
 
-Events: `state` (every state change, with the reason), `job` (a line of a job's output: episode progress,
+Events: `state` (every state change, with the reason; the first is `starting`, left once the hardware check
+passes), `job` (a line of a job's output: episode progress,
 verdicts, rollout reports), `lease` (granted, renewed is not published, ended), `progress` (a training lease holder's
 steps done of the round's budget and last loss, as its renewals report them), `round` (a round's global policy
-arrived in the store: version, run, round and the node's held-out loss), `supernode` (started, exited,
-restarting), `config` (reloaded or refused). Each carries `type`, `t` (Unix time) and its fields. PUB drops
+arrived in the store: version, run, round and the node's held-out loss), `supernode` and `learn-worker` (the
+supervised processes: `status` started, exited with `returncode` and `restart_in_s`, or failed with `error` and
+`restart_in_s`), `config` (reloaded or refused). Each carries `type`, `t` (Unix time) and its fields. PUB drops
 events for a slow subscriber instead of blocking the agent, and a subscriber sees only what is published after
 it connects: `zk0ctl events` follows the stream, it is not a log (journald is).
 """

@@ -23,7 +23,7 @@ import pytest
 import zmq
 
 from zk0.agent import lease
-from zk0.agent.control import ControlServer, Request, parse_request, request
+from zk0.agent.control import SOCKET_GROUP, ControlServer, Request, parse_request, request, share_with_group
 from zk0.agent.ctl import main as zk0ctl
 from zk0.agent.dataset_commit import read_commit
 
@@ -99,8 +99,10 @@ def test_a_reply_value_json_cannot_encode_is_sent_as_text(tmp_path: Path) -> Non
     try:
         assert request(address, "status") == {"ok": True, "where": str(tmp_path / "status")}
         assert request(address, "save") == {"ok": True, "where": str(tmp_path / "save")}
+        assert server.alive  # what the agent's watchdog pings depend on
     finally:
         server.close()
+    assert not server.alive
 
 
 def test_server_passes_checked_arguments_to_the_handler(tmp_path: Path) -> None:
@@ -162,18 +164,13 @@ def answers_status(address: str, timeout_s: float) -> int:
 
 def socket_group() -> grp.struct_group:
     """The agent's socket group (zk0) where it exists, else a system group standing in for it (not nobody's)."""
-    from zk0.agent.daemon import SOCKET_GROUP
-
     groups = [g for g in grp.getgrall() if g.gr_gid not in (0, NOBODY)]
     return next((g for g in groups if g.gr_name == SOCKET_GROUP), groups[0])
 
 
 @AS_OTHER_USERS
-def test_the_control_socket_answers_its_group_and_no_other_user(monkeypatch) -> None:
-    from zk0.agent import daemon
-
+def test_the_control_socket_answers_its_group_and_no_other_user() -> None:
     group = socket_group()
-    monkeypatch.setattr(daemon, "SOCKET_GROUP", group.gr_name)
     # under /tmp itself, passable by anyone (tmp_path's parents are root's alone): the socket's mode is the gate
     runtime = Path(tempfile.mkdtemp(prefix="zk0-run-", dir="/tmp"))
     runtime.chmod(0o711)
@@ -181,7 +178,7 @@ def test_the_control_socket_answers_its_group_and_no_other_user(monkeypatch) -> 
     path, address = runtime / "agent.sock", f"ipc://{runtime}/agent.sock"
     server = ControlServer(address, COMMANDS, lambda req: seen.append(req.command) or {"state": "idle"})
     try:
-        daemon.restrict_socket(path)  # what the agent does to its sockets once they are bound
+        share_with_group(path, 0o660, group.gr_name)  # what the agent does to its sockets once they are bound
         info = os.stat(path)
         assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == group.gr_gid
         assert as_nobody([], lambda: connect_errno(path)) == errno.EACCES  # the kernel refuses the connection

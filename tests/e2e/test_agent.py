@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ import pytest
 
 from tests.agent.notify_socket import NotifyListener, notify_socket  # noqa: F401 (the fixture)
 from tests.e2e.conftest import REPO, run_zk0
+from zk0.agent.control import SOCKET_GROUP
 
 pytestmark = pytest.mark.slow
 WATCHDOG_S = 2.0
@@ -54,6 +57,9 @@ def test_agent_under_systemd_records_through_zk0ctl_reloads_and_stops(tmp_path: 
     try:
         notify_socket.wait_for("READY", pid=agent.pid, timeout_s=120)
         assert zk0ctl(tmp_path, "status").stdout.strip() == "idle"
+        made = os.stat(tmp_path / "run")  # the agent made its runtime dir: its user and the zk0 group only
+        zk0_gid = next((g.gr_gid for g in grp.getgrall() if g.gr_name == SOCKET_GROUP), os.getegid())
+        assert (stat.S_IMODE(made.st_mode), made.st_gid) == (0o750, zk0_gid)
         refused = standalone_record(tmp_path, config)
         assert refused.returncode == 2 and "owns the robot" in refused.stderr, refused.stderr
 

@@ -28,8 +28,7 @@ from tests.agent.notify_socket import NotifyListener
 from tests.agent.test_control import AS_OTHER_USERS, answers_status, as_nobody, connect_errno
 from tests.agent.test_daemon_fuzz import exchange, messages
 from tests.e2e.conftest import REPO
-from zk0.agent.control import request
-from zk0.agent.daemon import SOCKET_GROUP
+from zk0.agent.control import SOCKET_GROUP, request
 from zk0.agent.daemon_core import COMMANDS
 
 pytestmark = pytest.mark.slow
