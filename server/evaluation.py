@@ -50,7 +50,8 @@ def server_metrics(server_eval: Mapping[str, float], train: Mapping[str, float] 
     metrics = {"eval/loss": float(server_eval["loss"])}
     metrics.update({f"eval/loss/{name}": float(v) for name, v in server_eval.items() if name != "loss"})
     metrics.update({"round/lr": float(lr), "round/mu": float(mu), "round/nodes": float(nodes)})
-    metrics.update({f"train/{name}": float(v) for name, v in (train or {"accepted-updates": 0}).items()})
+    # sorted: the aggregated keys come from a set, and `zk0 policy show` prints them in the order stored
+    metrics.update({f"train/{name}": float(v) for name, v in sorted((train or {"accepted-updates": 0}).items())})
     return metrics
 
 
