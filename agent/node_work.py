@@ -48,14 +48,13 @@ from zk0.learn.data import ConcatData, policy_image_size
 from zk0.learn.federation import build_federated_policy, frozen_sha256, held_out_data, stats_from_record, stats_to_record
 from zk0.learn.frame_cache import FrameCache, sized_frame_cache
 from zk0.learn.policy import PolicyBundle
-from zk0.learn.records import GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, STATS_RECORD, UPDATE_RECORD
+from zk0.learn.records import (GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, SERVER_METRICS_RECORD, STATS_RECORD,
+                              UPDATE_RECORD)
 from zk0.learn.stats import from_dataset
 from zk0.learn.sufficient_stats import SufficientStats, combine
 
 log = logging.getLogger("zk0.agent.node_work")
 
-# The evaluate message's record of the server's metrics of its global (zk0.server.evaluation.SERVER_METRICS_RECORD).
-SERVER_METRICS_RECORD = "server-metrics"
 
 
 @dataclass

@@ -9,6 +9,7 @@ METRICS_RECORD = "metrics"
 GLOBAL_SHA256 = "global-sha256"
 STATS_RECORD = "norm-stats"
 INFO_RECORD = "info"
+SERVER_METRICS_RECORD = "server-metrics"  # evaluate message: the server's metrics of its global
 QUERY_STATS = "stats"
 # Keys of a train reply's INFO_RECORD. A node that does not train this round (its agent refused the training
 # lease) answers with only INFO_RECORD {DECLINED: reason}; one whose lease was revoked mid-training sends the

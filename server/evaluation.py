@@ -13,7 +13,6 @@ from zk0.learn.policy import PolicyBundle
 
 # The evaluate message's record of what the server knows of the global it carries (`server_metrics`; read by
 # zk0.agent.node_work.received_server_metrics into the node's policy store).
-SERVER_METRICS_RECORD = "server-metrics"
 
 
 class ServerEvaluator:
@@ -36,8 +35,8 @@ class ServerEvaluator:
 
 def server_metrics(server_eval: Mapping[str, float], train: Mapping[str, float] | None, lr: float, mu: float,
                    nodes: int) -> dict[str, float]:
-    """What the server knows of a round's global, sent with it (SERVER_METRICS_RECORD) to every node's policy
-    store, which keeps it as the version's server metrics:
+    """What the server knows of a round's global, sent with it (zk0.learn.records.SERVER_METRICS_RECORD) to every
+    node's policy store, which keeps it as the version's server metrics:
 
     eval/loss              the global's held-out loss on the server's datasets (ServerEvaluator, sample-weighted);
     eval/loss/<dataset>    the same per dataset;

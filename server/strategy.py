@@ -53,12 +53,12 @@ from zk0.learn import codec
 from zk0.learn.federation import (
     DATASET_ID, DECLINED, GLOBAL_SHA256, INFO_RECORD, METRICS_RECORD, NODE_NAME, PREEMPTED, UPDATE_RECORD,
 )
+from zk0.learn.records import SERVER_METRICS_RECORD
 from zk0.server.aggregation import (
     MIN_TRIMMED, UpdateRejected, aggregate_states, decode_update, example_cap, example_weight, lower_median,
     norm_rejections, state_norm_distance, update_steps,
 )
 from zk0.server.config import ValidationConfig
-from zk0.server.evaluation import SERVER_METRICS_RECORD
 from zk0.server.schedule import RoundSchedule, ScheduleConfig, ScheduleState, client_mu, schedule_round
 
 log = logging.getLogger("zk0.server")

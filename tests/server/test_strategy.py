@@ -16,8 +16,9 @@ from zk0.learn import codec
 from zk0.learn.federation import (
     DATASET_ID, DECLINED, INFO_RECORD, METRICS_RECORD, NODE_NAME, PREEMPTED, UPDATE_RECORD,
 )
+from zk0.learn.records import SERVER_METRICS_RECORD
 from zk0.server.config import ValidationConfig
-from zk0.server.evaluation import SERVER_METRICS_RECORD, server_metrics
+from zk0.server.evaluation import server_metrics
 from zk0.server.run_dir import outcome_summary
 from zk0.server.schedule import ScheduleConfig, ScheduleState
 from zk0.server.aggregation import (
