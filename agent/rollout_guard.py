@@ -64,14 +64,13 @@ class Estop:
     The wake-up is a byte on a pipe, not a `threading.Event`: a SIGINT/SIGTERM handler runs in the main thread
     between two bytecodes, possibly while that same thread is inside `Event.wait` holding the event's lock, and
     `Event.set` would then wait for that lock forever (the arm never held, torque never cut). `os.write` takes no
-    lock, and a poll interrupted by the signal is retried (PEP 475), finding the byte."""
+    lock, and a select interrupted by the signal is retried (PEP 475), finding the byte. `select` rather than
+    `poll`/`epoll`: their timeouts are whole milliseconds, which put ~0.5 ms of jitter on every tick."""
 
     def __init__(self) -> None:
         self.requested_at: float | None = None  # time.perf_counter() of the first request
         self.source: str | None = None
         self._wake_r, self._wake_w = os.pipe()
-        self._poll = select.poll()
-        self._poll.register(self._wake_r, select.POLLIN)
         weakref.finalize(self, _close_all, self._wake_r, self._wake_w)
 
     def request(self, source: str) -> None:
@@ -86,7 +85,7 @@ class Estop:
         if self.requested_at is not None:
             time.sleep(seconds)
         else:
-            self._poll.poll(seconds * 1e3)
+            select.select([self._wake_r], [], [], seconds)
 
 
 def _close_all(*fds: int) -> None:

@@ -22,6 +22,7 @@ Prints one JSON object. Only meaningful on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -127,7 +128,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="zk0-bench-rollout-") as tmp:
         work = Path(tmp)
-        policy = args.policy or build_policy(work / "build")
+        with contextlib.redirect_stdout(sys.stderr):  # lerobot prints while building; stdout is the JSON
+            policy = args.policy or build_policy(work / "build")
         trace = work / "trace.jsonl"
         runs = {
             "zk0_rollout_sync": lambda rig: bench_zk0(rig, work, policy, "sync", args.seconds, args.fps),
