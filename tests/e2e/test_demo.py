@@ -41,8 +41,11 @@ def marked_processes(marker: str) -> list[int]:
 
 
 def start_demo(out: Path, marker: str, *args: str) -> subprocess.Popen:
+    # Ctrl-C as a terminal delivers it: a test runner started in the background (`make test-slow &`) ignores
+    # SIGINT, and a child inherits that, so the demo would never see the test's SIGINT.
     return subprocess.Popen([sys.executable, "-m", "zk0.cli", "demo", *SMALL, *args, "--out", str(out)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ZK0_DEMO_TEST": marker})
 
 
