@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
 from tests.agent.test_lease import NODE_ID, _context, federation, normal_scheduling  # noqa: F401 (fixtures)
