@@ -56,7 +56,6 @@ from zk0.learn.sufficient_stats import SufficientStats, combine
 log = logging.getLogger("zk0.agent.node_work")
 
 
-
 @dataclass
 class NodeSession:
     """The host's policy and data for one run and model configuration, reused across that run's messages."""

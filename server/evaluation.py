@@ -11,9 +11,6 @@ from zk0.learn.evaluate import EvalConfig, evaluate_datasets
 from zk0.learn.federation import held_out_data
 from zk0.learn.policy import PolicyBundle
 
-# The evaluate message's record of what the server knows of the global it carries (`server_metrics`; read by
-# zk0.agent.node_work.received_server_metrics into the node's policy store).
-
 
 class ServerEvaluator:
     """Fixed-noise held-out loss of the global policy on the server's datasets."""
