@@ -365,7 +365,7 @@ class SimRig:
 
     def restart(self, options: dict[str, Any]) -> None:
         """Stop the rig (withdrawn first) and start one simulating `options`; the description names it once up."""
-        from zk0.hw.sim.rig import RigError, RigHandle
+        from zk0.hw.sim.rig_handle import RigError, RigHandle
 
         self._stop()
         try:

@@ -171,7 +171,7 @@ class PolicyAction:
 class JobPaths:
     """What every job command shares: the agent's effective config, where datasets and policies live, the
     control address the agent forwards operator commands to, and with --sim the description of the rig the agent
-    keeps running for its jobs (zk0.hw.sim.rig.RigHandle.attach)."""
+    keeps running for its jobs (zk0.hw.sim.rig_handle.RigHandle.attach)."""
 
     config: Path
     datasets_root: Path

@@ -36,7 +36,7 @@ from typing import Any
 log = logging.getLogger("zk0.agent.zygote")
 PRELOAD = ("zk0.agent.record_cli", "zk0.agent.record", "zk0.agent.writer_process", "zk0.agent.dataset_store",
            "zk0.agent.rollout_cli", "zk0.agent.rollout", "zk0.agent.rollout_engines", "zk0.agent.validate_cli",
-           "zk0.hw.robots", "zk0.hw.sim.rig", "lerobot.robots.so_follower", "lerobot.teleoperators.so_leader",
+           "zk0.hw.robots", "zk0.hw.sim.rig_handle", "lerobot.robots.so_follower", "lerobot.teleoperators.so_leader",
            "lerobot.datasets.lerobot_dataset", "lerobot.cameras.zmq", "lerobot.policies.smolvla.modeling_smolvla",
            "torchcodec")  # lerobot picks its video backend by importing it when a dataset is created
 MAX_MESSAGE = 1 << 20

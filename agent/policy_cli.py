@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument("--quantize", choices=("none", "int8"), default="none",
                       help="int8: onnxruntime dynamic quantization of the weights (default none: fp32)")
     onnx.add_argument("--steps", type=int, help="flow-matching Euler steps (default: the policy's num_steps)")
-    onnx.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    onnx.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's, 20)")
     parity = sub.add_parser("parity", parents=[common],
                             help="compare a version or checkpoint with its ONNX export on the same inputs and noise")
     parity.add_argument("ref", help="version name, active, previous or a checkpoint directory")
@@ -224,7 +224,8 @@ def _export_onnx(root: Path | None, args: argparse.Namespace) -> int:
 
     if args.dir.exists():
         raise FileExistsError(f"{args.dir} exists: export-onnx writes a new directory")
-    options = ExportOptions(steps=args.steps, quantize=args.quantize, opset=args.opset)
+    opset = {} if args.opset is None else {"opset": args.opset}
+    options = ExportOptions(steps=args.steps, quantize=args.quantize, **opset)
     checkpoint = resolve_policy(args.ref, root)
     bundle, meta = load_checkpoint(checkpoint)
     manifest = export_policy(bundle, checkpoint, meta.sha256, args.dir, options)

@@ -187,7 +187,7 @@ def _start_sim(config, args, stack: ExitStack, bus_trace: Path | None = None):
 
     from zk0.agent.config import ConfigError
     from zk0.hw.config import ArmConfig, CameraConfig
-    from zk0.hw.sim.rig import RigHandle
+    from zk0.hw.sim.rig_handle import RigHandle
 
     task_name = sim_task_name(args.task)
     if task_name is None:

@@ -124,7 +124,7 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=480)
     args = parser.parse_args()
 
-    from zk0.hw.sim.rig import RigHandle
+    from zk0.hw.sim.rig_handle import RigHandle
 
     with tempfile.TemporaryDirectory(prefix="zk0-bench-record-") as tmp:
         work = Path(tmp)

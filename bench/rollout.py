@@ -124,7 +124,7 @@ def main() -> int:
     parser.add_argument("--policy", type=Path, help="checkpoint to roll out (default: a tiny policy built here)")
     args = parser.parse_args()
 
-    from zk0.hw.sim.rig import RigHandle
+    from zk0.hw.sim.rig_handle import RigHandle
 
     with tempfile.TemporaryDirectory(prefix="zk0-bench-rollout-") as tmp:
         work = Path(tmp)

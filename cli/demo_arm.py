@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from lerobot.robots.utils import make_robot_from_config
     from lerobot.teleoperators.utils import make_teleoperator_from_config
 
-    from zk0.hw.sim.rig import RigHandle, teleoperate_episode
+    from zk0.hw.sim.rig_handle import RigHandle, teleoperate_episode
 
     started = time.monotonic()
     with RigHandle.start(robot=args.robot, calibration_dir=args.output_dir / "sim_calibration") as rig:

@@ -2,10 +2,13 @@
 
 A control loop at 30 Hz must start every tick within a few milliseconds of its deadline even while video
 encoders or other programs saturate every core. Linux's SCHED_FIFO gives a thread precedence over all
-normally scheduled work. It is applied to every thread of the process, not just the loop: the loop needs
-the GIL, and a normally scheduled thread holding it (a camera reader, say) could be preempted by anything
-for tens of milliseconds. SCHED_RESET_ON_FORK makes threads and processes started later (lerobot's encoder
-threads, the dataset writer) normal again. The real-time threads here sleep most of each period.
+normally scheduled work. It is applied to every Python thread of the process, not just the loop: the loop
+needs the GIL, and a normally scheduled thread holding it (a camera reader, say) could be preempted by
+anything for tens of milliseconds. Threads of native libraries, which never hold the GIL (ZeroMQ's I/O
+threads, torch's pools), are left alone: a new libzmq thread reads its own policy and priority in two calls
+and aborts the process if writing them back fails, which it does when its policy was switched in between.
+SCHED_RESET_ON_FORK makes threads and processes started later (lerobot's encoder threads, the dataset writer)
+normal again. The real-time threads here sleep most of each period.
 
 Unprivileged users need `LimitRTPRIO=` (systemd) or CAP_SYS_NICE; without it the process runs at normal
 priority and says so once.
@@ -18,6 +21,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -39,9 +43,9 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def thread_ids() -> list[int]:
-    """Native ids of this process's threads."""
-    return [int(name) for name in os.listdir("/proc/self/task")]
+def python_thread_ids() -> list[int]:
+    """Native ids of this process's Python threads: the ones that can hold the GIL."""
+    return [thread.native_id for thread in threading.enumerate() if thread.native_id is not None]
 
 
 def set_realtime(priority: int, thread_id: int = 0) -> bool:
@@ -63,20 +67,20 @@ def set_realtime(priority: int, thread_id: int = 0) -> bool:
 
 
 def make_realtime(priority: int) -> bool:
-    """Every thread this process has now at real-time `priority`, for good."""
-    return all(set_realtime(priority, thread) for thread in thread_ids())
+    """Every Python thread this process has now at real-time `priority`, for good."""
+    return all(set_realtime(priority, thread) for thread in python_thread_ids())
 
 
 @contextmanager
 def realtime(priority: int | None) -> Iterator[bool]:
-    """Run the body with every thread of this process at real-time `priority` (None: unchanged), restoring
-    each one's policy and niceness afterwards; yields whether the OS granted it. The threads also get the
-    highest niceness, which is what they run with inside `polling()`."""
+    """Run the body with every Python thread of this process at real-time `priority` (None: unchanged),
+    restoring each one's policy and niceness afterwards; yields whether the OS granted it. The threads also get
+    the highest niceness, which is what they run with inside `polling()`."""
     if priority is None:
         yield False
         return
     previous = {}
-    for thread in thread_ids():
+    for thread in python_thread_ids():
         try:
             previous[thread] = (os.sched_getscheduler(thread), os.sched_getparam(thread),
                                 os.getpriority(os.PRIO_PROCESS, thread))

@@ -40,8 +40,12 @@ PREFIX_GRAPH = "prefix.onnx"
 DENOISE_GRAPH = "denoise.onnx"
 FORMAT = 1
 # Bumped when the exporter makes different (better) graphs of the same interface: older exports stay loadable,
-# but the export cache makes a new one. 2: plain attention, no vision mask (`export_attention`).
-EXPORTER_REVISION = 2
+# but the export cache makes a new one. 2: plain attention, no vision mask (`export_attention`). 3: opset 20,
+# concatenated RoPE.
+EXPORTER_REVISION = 3
+# Opset 20 has a Gelu operator: the vision tower's tanh-GELU exports as one node rather than Pow/Tanh/Mul/Add
+# (at full size, the prefix graph ~45 ms faster on 2 cores).
+DEFAULT_OPSET = 20
 FP32_TOLERANCE = 1e-4  # max abs difference of the policy's (normalized) actions, torch vs onnxruntime
 QUANTIZE = ("none", "int8")
 
@@ -50,7 +54,7 @@ QUANTIZE = ("none", "int8")
 class ExportOptions:
     steps: int | None = None  # Euler steps the runtime takes; None: the checkpoint's num_steps
     quantize: str = "none"  # "none" or "int8"
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE:
@@ -151,6 +155,21 @@ def example_inputs(config: Any) -> dict[str, torch.Tensor]:
 UNMASKED_EAGER = "zk0_unmasked_eager"
 
 
+def concatenated_rope(x: torch.Tensor, positions: torch.Tensor, max_wavelength: int = 10_000) -> torch.Tensor:
+    """lerobot's `apply_rope`, its two halves concatenated rather than written into slices of an empty tensor:
+    the same float32 operations, so the same values. Traced, each slice write becomes a ScatterND with a
+    transpose on either side; at full size those cost ~5 % of a chunk."""
+    d_half = x.shape[-1] // 2
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    freq_exponents = (2.0 / x.shape[-1]) * torch.arange(d_half, dtype=torch.float32, device=x.device)
+    timescale = max_wavelength**freq_exponents
+    radians = (positions[..., None].to(torch.float32) / timescale[None, None, :])[..., None, :]
+    sin, cos = torch.sin(radians), torch.cos(radians)
+    x1, x2 = x.split(d_half, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+
+
 @contextlib.contextmanager
 def export_attention(policy: Any) -> Iterator[None]:
     """The VLM's attention as plain MatMul/Softmax/MatMul while tracing, the vision tower's without its
@@ -162,12 +181,16 @@ def export_attention(policy: Any) -> Iterator[None]:
 
     AttentionInterface.register(UNMASKED_EAGER, modeling_smolvlm.eager_attention_forward)
     AttentionMaskInterface.register(UNMASKED_EAGER, lambda *args, **kwargs: None)
+    from lerobot.policies.smolvla import smolvlm_with_expert
+
     vlm = policy.model.vlm_with_expert.vlm
     before = vlm.config._attn_implementation
     vlm.set_attn_implementation({"": "eager", "text_config": "eager", "vision_config": UNMASKED_EAGER})
+    lerobot_rope, smolvlm_with_expert.apply_rope = smolvlm_with_expert.apply_rope, concatenated_rope
     try:
         yield
     finally:
+        smolvlm_with_expert.apply_rope = lerobot_rope
         vlm.set_attn_implementation(before)
 
 

@@ -45,7 +45,7 @@ class NodesConfig:
 @dataclass(frozen=True)
 class ValidationConfig:
     # Reject an update farther (L2 over all tensors) from the global than this multiple of the round's reference
-    # distance (the lower median over the round's decoded updates; see zk0.server.strategy.norm_rejections).
+    # distance (the lower median over the round's decoded updates; see zk0.server.aggregation.norm_rejections).
     norm_bound_multiple: float | None = 10.0  # None: no relative bound
     max_update_norm: float | None = None  # absolute bound on the same distance; None: no bound
     aggregation: Literal["fedavg", "trimmed-mean", "median"] = "fedavg"

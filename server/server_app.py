@@ -41,9 +41,9 @@ from zk0.learn.federation import (
 )
 from zk0.server.evaluation import EarlyStopping, ServerEvaluator, server_metrics
 from zk0.server.run_dir import RunDir, outcome_summary
+from zk0.server.node_wait import FederationAborted, wait_for_nodes
 from zk0.server.strategy import (
-    FederationAborted, FederationHistory, Outcome, Zk0FedProx, error_outcome, match_replies, node_identity,
-    node_label, wait_for_nodes,
+    FederationHistory, Outcome, Zk0FedProx, error_outcome, match_replies, node_identity, node_label,
 )
 
 log = logging.getLogger("zk0.server")

@@ -21,7 +21,7 @@ for (local-steps x batch-size; a capped claim is logged and noted in the client'
 stays accepted). Trimmed mean drops max(1, floor(trim_fraction * n)) values per side and coordinate
 from 3 updates on; with fewer it is the plain mean, with a logged warning. Median ignores weights.
 
-Nodes are waited for at most the round timeout (`wait_for_nodes`): too few connected by then ends the
+Nodes are waited for at most the round timeout (zk0.server.node_wait): too few connected by then ends the
 run with `FederationAborted`, which the ServerApp logs as one line.
 
 Every node sent a train message ends the round with one outcome, logged and recorded with its reason:
@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -59,6 +57,7 @@ from zk0.server.aggregation import (
     norm_rejections, state_norm_distance, update_steps,
 )
 from zk0.server.config import ValidationConfig
+from zk0.server.node_wait import sample_nodes
 from zk0.server.schedule import RoundSchedule, ScheduleConfig, ScheduleState, client_mu, schedule_round
 
 log = logging.getLogger("zk0.server")
@@ -73,14 +72,6 @@ class Outcome(StrEnum):
     LOST = "lost"
     FAILED = "failed"
     NO_REPLY = "no reply"
-
-
-class FederationAborted(RuntimeError):
-    """The run cannot go on (too few nodes, too few valid statistics); `reason` is the one line logged."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 # Flower's error replies for a message whose node (or the message itself) is gone, as opposed to a ClientApp error.
@@ -108,53 +99,6 @@ def match_replies(sent: Iterable[Message], replies: Iterable[Message]) -> Iterat
 def node_identity(info: Mapping[str, Any]) -> tuple[str, str]:
     """(dataset id, node name) from a reply's INFO_RECORD; empty strings for what it does not carry."""
     return str(info.get(DATASET_ID, "")), str(info.get(NODE_NAME, ""))
-
-
-class WaitVerdict(StrEnum):
-    READY = "ready"
-    WAIT = "wait"
-    TIMED_OUT = "timed out"
-
-
-def node_wait_verdict(connected: int, minimum: int, waited_s: float, timeout_s: float) -> WaitVerdict:
-    """Go on with the nodes present once `minimum` are connected; give up after `timeout_s`."""
-    if connected >= minimum:
-        return WaitVerdict.READY
-    return WaitVerdict.TIMED_OUT if waited_s >= timeout_s else WaitVerdict.WAIT
-
-
-def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, *, clock: Callable[[], float] = time.monotonic,
-                   sleep: Callable[[float], None] = time.sleep, poll_s: float = 1.0,
-                   log_every_s: float = 30.0) -> list[int]:
-    """The connected nodes, once at least `minimum` are; `FederationAborted` after `timeout_s` without them.
-
-    Waiting is logged at most once per `log_every_s`, with the counts.
-    """
-    started, logged_at = clock(), None
-    while True:
-        node_ids = list(grid.get_node_ids())
-        now = clock()
-        verdict = node_wait_verdict(len(node_ids), minimum, now - started, timeout_s)
-        if verdict == WaitVerdict.READY:
-            return node_ids
-        if verdict == WaitVerdict.TIMED_OUT:
-            raise FederationAborted(f"{len(node_ids)} nodes connected, {minimum} needed: gave up after waiting "
-                                    f"{now - started:.0f} s (nodes.round_timeout_s)")
-        if logged_at is None or now - logged_at >= log_every_s:
-            log.info("waiting for nodes: %d connected, %d needed (%.0f s of %.0f s)", len(node_ids), minimum,
-                     now - started, timeout_s)
-            logged_at = now
-        sleep(poll_s)
-
-
-def sample_nodes(grid: Grid, min_available: int, fraction: float, min_sampled: int, timeout_s: float) -> list[int]:
-    """`fraction` of the connected nodes (at least `min_sampled`, at most all), once `min_available` are connected.
-
-    One listing serves both the count and the sample: Flower's own helper lists twice and, when a node
-    drops out in between, waits for a node count that no longer exists.
-    """
-    node_ids = wait_for_nodes(grid, min_available, timeout_s)
-    return random.sample(node_ids, min(len(node_ids), max(int(len(node_ids) * fraction), min_sampled)))
 
 
 @dataclass

@@ -238,7 +238,7 @@ def test_done_when_sim_session(tmp_path: Path) -> None:
 @pytest.fixture
 def rig_config(tmp_path: Path):
     """A running simulated rig (no cameras) and an agent config pointing at its arms, bus reads not retried."""
-    from zk0.hw.sim.rig import RigHandle
+    from zk0.hw.sim.rig_handle import RigHandle
 
     with RigHandle.start(cameras=(), calibration_dir=tmp_path / "calibration") as rig:
         config = tmp_path / "agent.yaml"

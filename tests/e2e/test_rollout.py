@@ -241,7 +241,7 @@ def test_validate_on_the_robot_takes_the_operators_verdicts(policies, tmp_path: 
     from zk0.agent.ctl import main as zk0ctl
     from zk0.agent.validate import VALIDATION_SEED_BASE
     from zk0.agent.validate_robot import pair_order
-    from zk0.hw.sim.rig import RigHandle
+    from zk0.hw.sim.rig_handle import RigHandle
 
     address, report_dir = f"ipc://{tmp_path}/ctl.sock", tmp_path / "report"
     with RigHandle.start(calibration_dir=tmp_path / "calibration", width=640, height=480) as rig:
@@ -330,7 +330,7 @@ def test_watchdog_on_the_bus_holds_a_stalled_policy_then_cuts_torque(tmp_path: P
     from zk0.hw.realtime import polling, realtime
     from zk0.hw.robots import connect_without_prompt, disconnect_quietly, arm_limits, make_follower
     from zk0.hw.safety import SafetyEnvelope, envelope_spec
-    from zk0.hw.sim.rig import RigHandle
+    from zk0.hw.sim.rig_handle import RigHandle
     from tests.agent.test_rollout_engines import ScriptedEngine
 
     trace = tmp_path / "trace.jsonl"

@@ -10,7 +10,12 @@ import threading
 
 import pytest
 
-from zk0.hw.realtime import POLLING_NICENESS, polling, realtime, set_realtime, thread_ids
+from zk0.hw.realtime import POLLING_NICENESS, polling, realtime, set_realtime
+
+
+def thread_ids() -> list[int]:
+    """Native ids of every thread of this process, Python's and native libraries'."""
+    return [int(name) for name in os.listdir("/proc/self/task")]
 
 
 def test_realtime_covers_every_thread_and_restores_them() -> None:
@@ -33,6 +38,24 @@ def test_realtime_covers_every_thread_and_restores_them() -> None:
         assert {tid: os.sched_getscheduler(tid) for tid in before if tid in thread_ids()} == before
     finally:
         release.set()
+
+
+def test_realtime_leaves_native_library_threads_alone() -> None:
+    """ZeroMQ's I/O threads keep their policy: a libzmq thread switched while it starts aborts the process."""
+    zmq = pytest.importorskip("zmq")
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)  # the context's I/O and reaper threads start with its first socket
+    try:
+        native = set(thread_ids()) - {t.native_id for t in threading.enumerate()}
+        assert native, "ZeroMQ started no thread of its own"
+        with realtime(7) as granted:
+            if not granted:
+                pytest.skip("real-time scheduling not permitted here")
+            assert {os.sched_getscheduler(tid) for tid in native if tid in thread_ids()} == {os.SCHED_OTHER}
+            assert os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+    finally:
+        socket.close(linger=0)
+        context.term()
 
 
 def test_realtime_none_changes_nothing() -> None:

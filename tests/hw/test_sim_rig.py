@@ -16,7 +16,7 @@ from zk0.hw.config import ArmConfig, CameraConfig
 from zk0.hw.robots import connect_without_prompt, make_follower
 from zk0.hw.sim.cameras import subscription_count
 from zk0.hw.sim.feetech_protocol import ERRBIT_OVERHEAT
-from zk0.hw.sim.rig import RigError, RigHandle, rig_serves, teleoperate_episode
+from zk0.hw.sim.rig_handle import RigError, RigHandle, rig_serves, teleoperate_episode
 from zk0.hw.sim.tasks import TASKS
 from tests.hw.conftest import connect_retrying
 

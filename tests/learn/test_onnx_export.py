@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zk0.learn.checkpoint import CheckpointMeta, read_meta, save_checkpoint
-from zk0.learn.onnx_export import FP32_TOLERANCE, ExportOptions, export_policy, quantize_export, read_manifest
+from zk0.learn.onnx_export import DEFAULT_OPSET, FP32_TOLERANCE, ExportOptions, export_policy, quantize_export, read_manifest
 from zk0.learn.onnx_parity import TASK, measure, raw_observation
 from zk0.learn.onnx_runtime import (SMALL_GRAPH_BYTES, OnnxPolicy, default_threads, ensure_export, load_backend,
                                     load_onnx_bundle)
@@ -31,7 +31,8 @@ def test_manifest_names_shapes_source_and_tolerance(exported) -> None:
     bundle, checkpoint, export = exported
     config, manifest = bundle.policy.config, read_manifest(export)
     assert manifest.source_sha256 == read_meta(checkpoint).sha256
-    assert (manifest.steps, manifest.quantize, manifest.opset, manifest.tolerance) == (4, "none", 18, FP32_TOLERANCE)
+    assert (manifest.steps, manifest.quantize, manifest.opset, manifest.tolerance) == (
+        4, "none", DEFAULT_OPSET, FP32_TOLERANCE)
     assert manifest.cameras == {key: list(f.shape) for key, f in config.image_features.items()}
     assert (manifest.chunk_size, manifest.action_dim, manifest.lang_len) == (10, 6, config.tokenizer_max_length)
     assert set(manifest.files) >= {"prefix.onnx", "denoise.onnx"}

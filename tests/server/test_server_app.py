@@ -13,7 +13,8 @@ from zk0.learn.federation import DATASET_ID, INFO_RECORD, NODE_NAME, STATS_RECOR
 from zk0.learn.sufficient_stats import SufficientStats, combine, from_arrays
 from zk0.server import server_app
 from zk0.server.server_app import StatsAnswer, agree_normalization, judge_stats_reply, start_history
-from zk0.server.strategy import FederationAborted, Outcome
+from zk0.server.node_wait import FederationAborted
+from zk0.server.strategy import Outcome
 
 
 def _stats(offset: float, frames: int = 6) -> SufficientStats:

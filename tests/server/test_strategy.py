@@ -24,16 +24,8 @@ from zk0.server.schedule import ScheduleConfig, ScheduleState
 from zk0.server.aggregation import (
     UpdateRejected, aggregate_states, decode_update, example_weight, norm_rejections, trim_per_side, update_steps,
 )
-from zk0.server.strategy import (
-    FederationAborted,
-    FederationHistory,
-    Outcome,
-    WaitVerdict,
-    Zk0FedProx,
-    node_wait_verdict,
-    sample_nodes,
-    wait_for_nodes,
-)
+from zk0.server.node_wait import FederationAborted, WaitVerdict, node_wait_verdict, sample_nodes, wait_for_nodes
+from zk0.server.strategy import FederationHistory, Outcome, Zk0FedProx
 
 GLOBAL = {"expert.w": torch.zeros(4, 3), "proj.b": torch.zeros(5)}
 
