@@ -175,7 +175,8 @@ def export_attention(policy: Any) -> Iterator[None]:
     """The VLM's attention as plain MatMul/Softmax/MatMul while tracing, the vision tower's without its
     all-true mask. Traced through torch's SDPA, every softmax is followed by a NaN guard (IsNaN + Where over each
     head's whole score matrix); at full size (1024 patches per camera) the guard and the mask cost ~20 % of the
-    prefix graph's time on CPU. The maths is the same, so the export stays within tolerance of torch's SDPA."""
+    prefix graph's time on CPU. The maths is the same, so the export stays within tolerance of torch's SDPA.
+    lerobot's RoPE is traced as `concatenated_rope` meanwhile."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.models.smolvlm import modeling_smolvlm
 

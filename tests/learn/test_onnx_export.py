@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from zk0.learn.checkpoint import CheckpointMeta, read_meta, save_checkpoint
-from zk0.learn.onnx_export import DEFAULT_OPSET, FP32_TOLERANCE, ExportOptions, export_policy, quantize_export, read_manifest
+from zk0.learn.onnx_export import (DEFAULT_OPSET, FP32_TOLERANCE, ExportOptions, concatenated_rope, export_policy,
+                                   quantize_export, read_manifest)
 from zk0.learn.onnx_parity import TASK, measure, raw_observation
 from zk0.learn.onnx_runtime import (SMALL_GRAPH_BYTES, OnnxPolicy, default_threads, ensure_export, load_backend,
                                     load_onnx_bundle)
@@ -115,3 +116,13 @@ def test_export_cache_and_tampering(exported, tmp_path, monkeypatch) -> None:
     graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
     with pytest.raises(ValueError, match="SHA-256"):
         OnnxPolicy(cached)
+
+
+def test_concatenated_rope_is_lerobots_rope_value_for_value() -> None:
+    from lerobot.policies.smolvla.smolvlm_with_expert import apply_rope
+
+    generator = torch.Generator().manual_seed(0)
+    for heads, head_dim in ((15, 64), (5, 64), (4, 16)):
+        x = torch.randn(2, 37, heads, head_dim, generator=generator)
+        positions = torch.randint(0, 300, (2, 37), generator=generator)
+        assert torch.equal(concatenated_rope(x, positions), apply_rope(x, positions))
