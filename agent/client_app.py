@@ -101,11 +101,11 @@ def work(kind: str, msg: Message, context: Context, should_stop: Callable[[], bo
         from zk0.agent import node_work
 
         return node_work.work(kind, msg.content, context, should_stop, on_step)
-    from zk0.agent import learning_worker
+    from zk0.agent import worker_client
 
-    reply = learning_worker.call(address, kind, msg.content, context, worker_deadline(msg, context, time.monotonic()),
-                                 should_stop, on_step)
-    return reply.reason if isinstance(reply, learning_worker.WorkerFailure) else reply
+    reply = worker_client.call(address, kind, msg.content, context, worker_deadline(msg, context, time.monotonic()),
+                               should_stop, on_step)
+    return reply.reason if isinstance(reply, worker_client.WorkerFailure) else reply
 
 
 def answer(kind: str, msg: Message, context: Context) -> Message:

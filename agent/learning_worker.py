@@ -25,7 +25,10 @@ job trains. Frames:
 So a request carries exactly what the ClientApp received (content, run and node ids, node config) and a reply
 exactly what it sends back. One job runs at a time (one node's messages are sequential); a job asked for while
 another runs is refused ("busy"). `stop` sets the running job's stop flag, which training reads between steps
-(a revoked lease: the steps done go back as a partial update). Malformed, oversized or refused requests, and
+(a revoked lease: the steps done go back as a partial update); a job still running `stop_grace_s` after being
+told to stop (stuck where it never reads the flag: a stalled disk, a deadlocked loader) makes the worker exit
+with EXIT_JOB_STUCK, so its supervisor starts a fresh one instead of every later message being refused "busy".
+Malformed, oversized or refused requests, and
 jobs that raise, get an error reply; nothing a request holds can stop the worker. Requests over
 `max_request_bytes` are refused after receipt; frames over twice that are dropped by ZeroMQ unread (no reply:
 the sender times out), so no request can exhaust memory. A worker started with `--datasets` or
@@ -43,7 +46,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,9 @@ JOB_KINDS = ("query", "train", "evaluate")
 KINDS = (*JOB_KINDS, "ping", "stop")
 MAX_HEADER_BYTES = 64 << 10
 DEFAULT_MAX_REQUEST_BYTES = 2 << 30  # a full-size SmolVLA global in fp32 is ~400 MB
+# A training step of full-size SmolVLA takes ~12.5 s on a 2-core CPU: a job reads its stop flag that often.
+DEFAULT_STOP_GRACE_S = 120.0
+EXIT_JOB_STUCK = 3
 NodeConfigValue = str | int | float | bool
 
 
@@ -152,18 +157,33 @@ class Job:
     peer: bytes
     stop: threading.Event = field(default_factory=threading.Event)
     progress: tuple[int, float] | None = None  # (steps done, last loss) of a training job, set by its thread
+    stop_asked_at: float | None = None  # monotonic time `stop` was first set
+
+    def ask_stop(self, now: float) -> None:
+        self.stop.set()
+        self.stop_asked_at = self.stop_asked_at if self.stop_asked_at is not None else now
 
     def record_step(self, done: int, loss: float) -> None:
         self.progress = (done, loss)  # one tuple assignment: the serving thread reads it whole
+
+
+def stuck(stop_asked_at: float | None, now: float, grace_s: float) -> bool:
+    """Whether a job told to stop at `stop_asked_at` (None: never told) has ignored it past `grace_s`."""
+    return stop_asked_at is not None and now - stop_asked_at > grace_s
+
+
+class JobStuck(RuntimeError):
+    """A job did not stop within the grace period; the worker cannot serve again and must be restarted."""
 
 
 class LearningWorker:
     """Serves learning requests at `address` from the calling thread (`serve`), jobs in a second thread."""
 
     def __init__(self, address: str, datasets: Sequence[Path] = (), policy_store: Path | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 stop_grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
         self.address, self.datasets, self.policy_store = address, list(datasets), policy_store
-        self.max_request_bytes = max_request_bytes
+        self.max_request_bytes, self.stop_grace_s = max_request_bytes, stop_grace_s
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -183,7 +203,8 @@ class LearningWorker:
         self.sessions_built = 0  # policy + data builds so far (the ping reports it: a warm worker's stays put)
 
     def serve(self, stop: threading.Event) -> None:
-        """Answer requests until `stop` is set; a running job is then stopped at its next step and waited for."""
+        """Answer requests until `stop` is set; a running job is then stopped at its next step and waited for.
+        `JobStuck` when a job ignores its stop flag for `stop_grace_s`."""
         from zk0.agent import node_work  # the heavy imports, paid once at start rather than by the first message
 
         poller = zmq.Poller()
@@ -199,9 +220,15 @@ class LearningWorker:
                 reply = self._answer(peer, frames[1:] if frames[:1] == [b""] else frames, node_work)
                 if reply is not None:
                     self._socket.send_multipart([peer, b"", *reply])
+            if self._job is not None and stuck(self._job.stop_asked_at, time.monotonic(), self.stop_grace_s):
+                raise JobStuck(f"{self._job.request.kind} job {self._job.request.job} ignored its stop for "
+                               f"{self.stop_grace_s:.0f} s")
         if self._job is not None and self._thread is not None:
-            self._job.stop.set()
-            self._thread.join()
+            self._job.ask_stop(time.monotonic())
+            self._thread.join(self.stop_grace_s)
+            if self._thread.is_alive():
+                raise JobStuck(f"{self._job.request.kind} job {self._job.request.job} did not stop within "
+                               f"{self.stop_grace_s:.0f} s of shutdown")
 
     def _answer(self, peer: bytes, frames: list[bytes], node_work: Any) -> list[bytes] | None:
         """The immediate reply to a request, or None for a job started (its reply comes when it ends)."""
@@ -214,7 +241,7 @@ class LearningWorker:
             if request.kind == "stop":
                 stopped = self._job is not None and self._job.request.job == request.job
                 if stopped:
-                    self._job.stop.set()
+                    self._job.ask_stop(time.monotonic())
                 return [json.dumps({"ok": True, "stopped": stopped}).encode()]
             if self._job is not None:
                 raise ValueError(f"busy with job {self._job.request.job}")
@@ -256,97 +283,14 @@ class LearningWorker:
         self._context.term()
 
 
-# --- the ClientApp's side ----------------------------------------------------------------------------------
-
-PING_TIMEOUT_S = 5.0  # a worker's serving thread answers within milliseconds, even while a job trains
-HEARTBEAT_S = 5.0  # how often a waiting ClientApp checks that the worker still runs its job (and its progress)
-STOP_CHECK_S = 0.05  # how often it checks its stop condition (a revoked lease) while the job runs
-
-
-@dataclass(frozen=True)
-class WorkerFailure:
-    """Why the worker gave no reply content: not answering, an error reply, the deadline passed."""
-
-    reason: str
-
-
-def _exchange(context: zmq.Context, address: str, frames: list[bytes], timeout_s: float) -> list[bytes] | None:
-    """One short request on a fresh REQ socket: the reply frames, or None when nothing answered in time."""
-    socket = context.socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
-    try:
-        socket.connect(address)
-        socket.send_multipart(frames)
-        return socket.recv_multipart() if socket.poll(int(timeout_s * 1000)) else None
-    finally:
-        socket.close()
-
-
-def ping(address: str, timeout_s: float = PING_TIMEOUT_S) -> dict[str, Any] | None:
-    """The worker's answer to a ping (`{"ok": true, "job": ...}`), or None when none came within `timeout_s`."""
-    context = zmq.Context()
-    try:
-        reply = _exchange(context, address, [b'{"kind": "ping"}'], timeout_s)
-        return json.loads(reply[0]) if reply else None
-    finally:
-        context.term()
-
-
-def call(address: str, kind: str, content: RecordDict, context: Context, deadline: float,
-         should_stop: Callable[[], bool] = lambda: False,
-         on_progress: Callable[[int, float], None] | None = None) -> RecordDict | WorkerFailure:
-    """The worker's reply content for a `kind` message, or why there is none. Never waits past `deadline`
-    (monotonic seconds); asks the worker to stop the job as soon as `should_stop()`, then waits for the partial
-    result; gives up early when the worker stops answering pings or no longer runs the job. Each heartbeat's
-    training progress goes to `on_progress(steps_done, loss)`."""
-    job = uuid.uuid4().hex
-    header = {"kind": kind, "job": job, "run_id": context.run_id, "node_id": context.node_id,
-              "node_config": dict(context.node_config)}
-    stop = [json.dumps({"kind": "stop", "job": job}).encode()]
-    zmq_context = zmq.Context()
-    socket = zmq_context.socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
-    try:
-        if ping(address, min(PING_TIMEOUT_S, max(deadline - time.monotonic(), 0.0))) is None:
-            return WorkerFailure(f"no learning worker answering at {address}")
-        socket.connect(address)
-        socket.send_multipart([json.dumps(header).encode(), recorddict_to_proto(content).SerializeToString()])
-        stop_sent, next_heartbeat = False, time.monotonic() + HEARTBEAT_S
-        while not socket.poll(int(STOP_CHECK_S * 1000)):
-            now = time.monotonic()
-            if now >= deadline:
-                _exchange(zmq_context, address, stop, 1.0)
-                return WorkerFailure(f"the learning worker at {address} did not finish the {kind} job in time")
-            if not stop_sent and should_stop():
-                stop_sent = _exchange(zmq_context, address, stop, PING_TIMEOUT_S) is not None
-            if now >= next_heartbeat:
-                answer = _exchange(zmq_context, address, [b'{"kind": "ping"}'], PING_TIMEOUT_S)
-                if answer is None:
-                    return WorkerFailure(f"the learning worker at {address} stopped answering")
-                heartbeat = json.loads(answer[0])
-                # not running our job: it ended (its reply is on its way) or the worker restarted without it
-                if heartbeat.get("job") != job and not socket.poll(1000):
-                    return WorkerFailure(f"the learning worker at {address} lost the {kind} job (restarted?)")
-                progress = heartbeat.get("progress")
-                if on_progress is not None and heartbeat.get("job") == job and progress:
-                    on_progress(int(progress[0]), float(progress[1]))
-                next_heartbeat = now + HEARTBEAT_S
-        reply = socket.recv_multipart()
-        answer = json.loads(reply[0])
-        if not answer.get("ok"):
-            return WorkerFailure(f"learning worker: {answer.get('error', 'error reply')}")
-        return recorddict_from_proto(ProtoRecordDict.FromString(reply[1]))
-    finally:
-        socket.close()
-        zmq_context.term()
-
-
 # --- starting one ------------------------------------------------------------------------------------------
 
-def worker_command(address: str, datasets: Sequence[Path] = (), policy_store: Path | None = None) -> list[str]:
+def worker_command(address: str, datasets: Sequence[Path] = (), policy_store: Path | None = None,
+                   stop_grace_s: float = DEFAULT_STOP_GRACE_S) -> list[str]:
     """The command line of a learning worker at `address` serving `datasets` and delivering to `policy_store`
     (what `zk0 node --learn-worker`, `zk0 fleet local --learn-workers` and the agent start)."""
-    command = [sys.executable, "-m", "zk0.cli", "learn-worker", "--socket", address]
+    command = [sys.executable, "-m", "zk0.cli", "learn-worker", "--socket", address,
+               "--stop-grace-s", str(stop_grace_s)]
     if datasets:
         command += ["--datasets", *(str(p) for p in datasets)]
     if policy_store is not None:
@@ -356,6 +300,8 @@ def worker_command(address: str, datasets: Sequence[Path] = (), policy_store: Pa
 
 def wait_until_ready(address: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
     """True once the worker at `address` answers a ping; False after `timeout_s`, or as soon as not `alive()`."""
+    from zk0.agent.worker_client import ping
+
     deadline = time.monotonic() + timeout_s
     while alive() and time.monotonic() < deadline:
         if ping(address, timeout_s=0.5) is not None:
@@ -370,12 +316,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy-store", type=Path, default=None,
                         help="the only policy store requests may deliver to (default: any)")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--stop-grace-s", type=float, default=DEFAULT_STOP_GRACE_S,
+                        help="exit (for the supervisor to restart) when a job runs this long after its stop "
+                             f"(default {DEFAULT_STOP_GRACE_S:.0f})")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.stop_grace_s > 0:
+        print(f"zk0 learn-worker: --stop-grace-s must be positive, not {args.stop_grace_s}", file=sys.stderr)
+        return 2
     try:
-        worker = LearningWorker(args.socket, args.datasets, args.policy_store, args.max_request_bytes)
+        worker = LearningWorker(args.socket, args.datasets, args.policy_store, args.max_request_bytes,
+                                args.stop_grace_s)
     except zmq.ZMQError as exc:
         print(f"zk0 learn-worker: cannot serve {args.socket}: {exc}", file=sys.stderr)
         return 2
@@ -385,6 +338,9 @@ def run(args: argparse.Namespace) -> int:
     log.info("learning worker serving %s", args.socket)
     try:
         worker.serve(stop)
+    except JobStuck as stuck_job:
+        log.error("%s: exiting so that a fresh worker takes over", stuck_job)
+        return EXIT_JOB_STUCK
     finally:
         worker.close()
     return 0

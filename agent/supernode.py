@@ -104,7 +104,7 @@ class FederationProcesses:
         self._worker_ready = False
 
     def tick(self, now: float | None = None) -> None:
-        from zk0.agent.learning_worker import ping
+        from zk0.agent.worker_client import ping
 
         now = time.monotonic() if now is None else now
         self.worker.tick(now)

@@ -4,6 +4,7 @@ lease revocation through it, and a ClientApp facing a worker that is down, hangs
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 from tests.agent.test_lease import NODE_ID, Agent, _context, _train_message, federation  # noqa: F401
 from tests.server.flower_app import ListingGrid, pushed, serverapp_identity
-from zk0.agent import client_app, learning_worker, node_work
+from zk0.agent import client_app, learning_worker, node_work, worker_client
 from zk0.learn import codec
 from zk0.agent.learning_worker import KINDS, LearningWorker, WorkerRequest, check_allowed, parse_request
 from zk0.learn.records import DECLINED, INFO_RECORD, METRICS_RECORD, PREEMPTED, UPDATE_RECORD
@@ -135,7 +136,7 @@ def live_worker(tmp_path: Path) -> Iterator[tuple[str, LearningWorker]]:
 
 
 def _ask(context: zmq.Context, address: str, frames: list[bytes]) -> dict:
-    reply = learning_worker._exchange(context, address, frames, 10.0)
+    reply = worker_client.exchange(context, address, frames, 10.0)
     assert reply is not None, f"no reply to {frames!r}"
     return json.loads(reply[0])
 
@@ -198,7 +199,7 @@ def test_worker_results_equal_the_in_process_results_bit_for_bit(federation, wor
     root, strategy, arrays = federation
     local = {"dataset-roots": str(root), "policy-store": str(tmp_path / "local" / "policies"), "node-name": "kitchen"}
     remote = {**local, "policy-store": str(tmp_path / "remote" / "policies"), client_app.LEARN_WORKER: worker_process}
-    built = learning_worker.ping(worker_process)["built"]
+    built = worker_client.ping(worker_process)["built"]
     for server_round in (1, 2):  # round 2 reuses the worker's session; in process it is built afresh, as in Flower
         msg = _train_message(strategy, arrays, server_round, local_steps=3)
         node_work._session = None
@@ -206,7 +207,7 @@ def test_worker_results_equal_the_in_process_results_bit_for_bit(federation, wor
         got = client_app.train(msg, _context(remote))
         assert _comparable(got) == _comparable(expected)
         assert got.content.metric_records[METRICS_RECORD]["steps"] == 3
-    assert learning_worker.ping(worker_process)["built"] == built + 1  # built once, for round 1
+    assert worker_client.ping(worker_process)["built"] == built + 1  # built once, for round 1
 
     with serverapp_identity():
         [msg] = pushed(strategy.configure_evaluate(2, arrays, ConfigRecord(), ListingGrid([NODE_ID])))
@@ -216,7 +217,7 @@ def test_worker_results_equal_the_in_process_results_bit_for_bit(federation, wor
                     for r in (expected, got)]
     assert without_time[0] == without_time[1] and without_time[0]["num-examples"] > 0
     assert (tmp_path / "remote" / "policies" / "versions" / "run1-round2").is_dir()
-    assert learning_worker.ping(worker_process)["built"] == built + 1
+    assert worker_client.ping(worker_process)["built"] == built + 1
 
     stats = [client_app.query(msg, _context(c)).content for c in (local, remote)]  # the query reads no content
     assert stats[0]["norm-stats"]["observation.state/mean"].numpy().tobytes() == \
@@ -257,7 +258,7 @@ def test_a_revoked_lease_stops_the_worker_with_a_partial_update(federation, work
     assert seen[0]["step"] <= steps < 100_000
     assert reply.content.config_records[INFO_RECORD][PREEMPTED] == \
         "lease revoked by the agent: revoked: training paused by the operator"
-    assert learning_worker.ping(worker_process)["job"] is None
+    assert worker_client.ping(worker_process)["job"] is None
 
 
 # --- a worker that is down, hangs or forgets ----------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_a_worker_that_is_down_declines_the_round_and_fails_other_messages(feder
     started = time.monotonic()
     reply = client_app.train(_message(strategy, arrays), _context(config))
     assert dict(reply.content[INFO_RECORD]) == {"node-name": "arm1", DECLINED: f"no learning worker answering at {nobody}"}
-    assert time.monotonic() - started < learning_worker.PING_TIMEOUT_S + 2
+    assert time.monotonic() - started < worker_client.PING_TIMEOUT_S + 2
     with serverapp_identity():
         [msg] = pushed(strategy.configure_evaluate(1, arrays, ConfigRecord(), ListingGrid([NODE_ID])))
     with pytest.raises(RuntimeError, match="no learning worker answering"):
@@ -327,9 +328,44 @@ def test_a_hanging_worker_is_given_up_at_the_deadline_and_told_to_stop(federatio
     assert 1.0 <= waited < 3.0 and fake.seen == ["ping", "train", "stop"]
 
 
+@pytest.mark.slow
+def test_a_job_that_ignores_its_stop_makes_the_worker_exit_for_a_fresh_one(federation, tmp_path: Path) -> None:  # noqa: F811
+    """A real worker's evaluate job blocks on the policy store's lock, held by another process (a `zk0 policy
+    prune` stalled on a disk, say), where no stop flag is read. Told to stop at the message's deadline, it
+    cannot; within its grace period the worker exits with EXIT_JOB_STUCK, for its supervisor to start a fresh
+    one, rather than refusing every later message as busy."""
+    root, strategy, arrays = federation
+    store = tmp_path / "policies"
+    store.mkdir()
+    address = f"ipc://{tmp_path}/stuck.sock"
+    process = subprocess.Popen(learning_worker.worker_command(address, [root], store, stop_grace_s=1.0),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(store / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            assert learning_worker.wait_until_ready(address, 180, alive=lambda: process.poll() is None)
+            with serverapp_identity():
+                [msg] = pushed(strategy.configure_evaluate(1, arrays, ConfigRecord(), ListingGrid([NODE_ID])))
+            config = {"dataset-roots": str(root), "policy-store": str(store), "learn-worker-timeout": 30.0,
+                      client_app.LEARN_WORKER: address}
+            with pytest.raises(RuntimeError, match="did not finish the evaluate job in time"):
+                client_app.evaluate(msg, _context(config))
+            assert process.wait(timeout=30) == learning_worker.EXIT_JOB_STUCK
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "ignored its stop for 1 s: exiting so that a fresh worker takes over" in process.stderr.read()
+
+
+@pytest.mark.parametrize("asked, now, stuck", [(None, 1e9, False), (100.0, 219.9, False), (100.0, 220.1, True)])
+def test_a_job_is_stuck_only_once_it_ignored_a_stop_past_the_grace(asked, now, stuck) -> None:
+    assert learning_worker.stuck(asked, now, grace_s=120.0) is stuck
+
+
 def test_a_worker_that_lost_the_job_is_noticed_at_the_next_heartbeat(federation, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
     _, strategy, arrays = federation
-    monkeypatch.setattr(learning_worker, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(worker_client, "HEARTBEAT_S", 0.2)
     address = f"ipc://{tmp_path}/forgets.sock"
     fake = FakeWorker(address, forget=True)
     try:
@@ -340,6 +376,6 @@ def test_a_worker_that_lost_the_job_is_noticed_at_the_next_heartbeat(federation,
 
 
 def test_the_relaying_client_app_never_imports_torch() -> None:
-    code = ("import sys, zk0.agent.client_app, zk0.agent.learning_worker; "
+    code = ("import sys, zk0.agent.client_app, zk0.agent.learning_worker, zk0.agent.worker_client; "
             "assert not {'torch', 'lerobot'} & set(sys.modules), sorted(m for m in sys.modules if m.startswith('torch'))")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -25,7 +25,7 @@ def test_the_worker_listens_beside_the_policy_store_and_serves_only_the_nodes_da
     assert relaying.node_config()["learn-worker"] == "ipc:///run/zk0/learn.sock"
     assert "learn-worker" not in settings.node_config()  # without the option, nodes run exactly as before
     assert worker_command("ipc:///run/zk0/learn.sock", settings.datasets, settings.policy_store)[1:] == [
-        "-m", "zk0.cli", "learn-worker", "--socket", "ipc:///run/zk0/learn.sock",
+        "-m", "zk0.cli", "learn-worker", "--socket", "ipc:///run/zk0/learn.sock", "--stop-grace-s", "120.0",
         "--datasets", "/data/pick", "/abs/push", "--policy-store", "/var/lib/zk0/policies"]
     deep = node.NodeSettings(superlink="x:1", datasets=[], policy_store=Path("/" + "d" * 120) / "policies")
     with pytest.raises(ConfigError, match="too long for a unix socket"):
