@@ -28,11 +28,11 @@ another runs is refused ("busy"). `stop` sets the running job's stop flag, which
 (a revoked lease: the steps done go back as a partial update); a job still running `stop_grace_s` after being
 told to stop (stuck where it never reads the flag: a stalled disk, a deadlocked loader) makes the worker exit
 with EXIT_JOB_STUCK, so its supervisor starts a fresh one instead of every later message being refused "busy".
-Malformed, oversized or refused requests, and
-jobs that raise, get an error reply; nothing a request holds can stop the worker. Requests over
-`max_request_bytes` are refused after receipt; frames over twice that are dropped by ZeroMQ unread (no reply:
-the sender times out), so no request can exhaust memory. A worker started with `--datasets` or
-`--policy-store` refuses node configs naming other datasets or another store.
+Malformed, oversized or refused requests, and jobs that raise, get an error reply; nothing a request holds can
+stop the worker. Requests over `max_request_bytes` are refused after receipt; frames over twice that are
+dropped by ZeroMQ unread (no reply: the sender times out), so no request can exhaust memory. A worker started
+with `--datasets` or `--policy-store` refuses node configs naming other datasets or another store. The
+ClientApp's side is zk0.agent.worker_client.
 """
 
 from __future__ import annotations
