@@ -220,12 +220,12 @@ def _export(store, args: argparse.Namespace) -> int:
 def _export_onnx(root: Path | None, args: argparse.Namespace) -> int:
     from zk0.agent.policy_store import resolve_policy
     from zk0.learn.checkpoint import load_checkpoint
-    from zk0.learn.onnx_export import ExportOptions, export_policy
+    from zk0.learn.onnx_export import DEFAULT_OPSET, ExportOptions, export_policy
 
     if args.dir.exists():
         raise FileExistsError(f"{args.dir} exists: export-onnx writes a new directory")
-    opset = {} if args.opset is None else {"opset": args.opset}
-    options = ExportOptions(steps=args.steps, quantize=args.quantize, **opset)
+    options = ExportOptions(steps=args.steps, quantize=args.quantize,
+                            opset=DEFAULT_OPSET if args.opset is None else args.opset)
     checkpoint = resolve_policy(args.ref, root)
     bundle, meta = load_checkpoint(checkpoint)
     manifest = export_policy(bundle, checkpoint, meta.sha256, args.dir, options)

@@ -4,6 +4,7 @@ lease revocation through it, and a ClientApp facing a worker that is down, hangs
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import subprocess
@@ -356,6 +357,16 @@ def test_a_job_that_ignores_its_stop_makes_the_worker_exit_for_a_fresh_one(feder
             process.kill()
             process.wait()
     assert "ignored its stop for 1 s: exiting so that a fresh worker takes over" in process.stderr.read()
+
+
+@pytest.mark.parametrize("grace", [0.0, -5.0])
+def test_a_grace_that_is_not_positive_is_refused(grace, tmp_path: Path, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    learning_worker.add_arguments(parser)
+    args = parser.parse_args(["--socket", f"ipc://{tmp_path}/w.sock", "--stop-grace-s", str(grace)])
+    assert learning_worker.run(args) == 2
+    assert f"--stop-grace-s must be positive, not {grace}" in capsys.readouterr().err
+    assert not (tmp_path / "w.sock").exists()  # refused before serving
 
 
 @pytest.mark.parametrize("asked, now, stuck", [(None, 1e9, False), (100.0, 219.9, False), (100.0, 220.1, True)])

@@ -18,7 +18,7 @@ def thread_ids() -> list[int]:
     return [int(name) for name in os.listdir("/proc/self/task")]
 
 
-def test_realtime_covers_every_thread_and_restores_them() -> None:
+def test_realtime_covers_every_python_thread_and_restores_them() -> None:
     release = threading.Event()
     helper = threading.Thread(target=release.wait, daemon=True)
     helper.start()
