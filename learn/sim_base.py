@@ -6,8 +6,9 @@ SmolVLM stand-in (`SimBaseShape`), every part of it (vision tower, connector, te
 trained centrally on scripted demonstrations of every simulated task (`SimBaseRecipe`), then saved with the
 VLM frozen (`freeze_vision_encoder`, `train_expert_only`), so `zk0 train --model BASE`, the federation and
 `zk0 validate` treat it exactly as they treat smolvla_base. Besides the flow-matching loss, the vision tower
-learns from a scene probe (`SimBaseRecipe.scene_loss_weight`): a linear map, discarded afterwards, from each
-camera's image tokens to where the cubes and the bin are, the sim's stand-in for SmolVLM's own pretraining.
+learns from a scene probe (`SimBaseRecipe.scene_loss_weight`): a linear map, discarded afterwards, from every
+camera's image tokens to where the cubes and the bin are, the sim's stand-in for SmolVLM's own pretraining. An
+optional first stage (`vision_steps`, zk0.learn.vision_pretrain) trains the tower alone on freshly rendered scenes.
 
 Demonstrations (zk0.learn.sim_demos) are recorded in lock-step (the loop `zk0 validate --sim` judges in, safety
 envelope included), with the cameras rendered at the size hosts record (`SimBaseShape.cameras`) and kept at
@@ -31,11 +32,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 from zk0.learn.sim_demos import SCENE_DIMS, Demo, DemoData, demo_meta, record_demos
 from zk0.learn.tiny_vlm import VLMShape
+from zk0.learn.vision_pretrain import SceneRenderer, pretrain_vision
 
 SIM_BASE_SEED_BASE = 3_000_000
 TASK_SEED_STRIDE = 100_000  # scene seeds of task k: SIM_BASE_SEED_BASE + k * stride + i
+SCENE_PROBES = ("joint", "per_camera")
 
 
 def cache_dir(seed: int, env: Mapping[str, str] = os.environ) -> Path:
@@ -71,9 +76,11 @@ def is_current(path: Path) -> bool:
 class SimBaseShape:
     """The policy: its SmolVLM stand-in, action chunking and the cameras (name, width, height) it sees."""
 
+    # The action expert is 0.75 x text_hidden wide (SmolVLA's expert_width_multiplier): 128 gives it 96, which
+    # reached 28 % on the hosts' tasks where 64 (a 48-wide expert) reached 19 % (NOTES "Sim base").
     vlm: VLMShape = VLMShape(image_size=128, patch_size=16, scale_factor=2, vision_hidden=64,
-                             vision_intermediate=128, vision_layers=2, vision_heads=2, text_hidden=64,
-                             text_intermediate=128, text_layers=2, text_heads=4, text_kv_heads=2, head_dim=16)
+                             vision_intermediate=128, vision_layers=2, vision_heads=2, text_hidden=128,
+                             text_intermediate=256, text_layers=2, text_heads=8, text_kv_heads=4, head_dim=16)
     chunk_size: int = 50  # = the federation's chunk for models given by path (zk0.learn.federation.policy_spec)
     n_action_steps: int = 50
     cameras: tuple[tuple[str, int, int], ...] = (("front", 128, 96), ("wrist", 128, 96))
@@ -99,12 +106,27 @@ class SimBaseRecipe:
     warmup_steps: int = 200
     decay_lr: float = 2.5e-5
     finetune_lr: float = 3e-4  # the peak LR the saved config gives hosts that fine-tune with SmolVLA's schedule
-    # Weight of the vision tower's auxiliary loss: from each camera's image tokens, a linear probe (discarded
+    # Weight of the vision tower's auxiliary loss: from the cameras' image tokens, a linear probe (discarded
     # after pretraining) regresses where the cubes and the bin are. Localising objects is what hosts need from a
     # frozen VLM, and the flow-matching loss alone teaches it slowly. 0 = flow matching only.
     scene_loss_weight: float = 1.0
+    # One probe over every camera's tokens together ("joint"), or one per camera each asked for the whole scene
+    # ("per_camera": a wrist camera that does not see a cube is asked where it is anyway).
+    scene_probe: str = "joint"
+    # Stage one (zk0.learn.vision_pretrain): the vision tower and connector alone learn where things are on
+    # freshly rendered scenes for `vision_steps` steps; the policy then trains with the tower frozen, so it
+    # cannot memorise the demonstrations' placements through it. 0 = no stage one, everything trains together.
+    vision_steps: int = 0
+    vision_batch_size: int = 32
+    vision_lr: float = 1e-3
     max_episode_s: float = 20.0
     seed_base: int = SIM_BASE_SEED_BASE
+
+    def __post_init__(self) -> None:
+        if self.scene_probe not in SCENE_PROBES:
+            raise ValueError(f"scene_probe must be one of {', '.join(SCENE_PROBES)}, not {self.scene_probe!r}")
+        if self.vision_steps < 0 or self.vision_batch_size < 1:
+            raise ValueError("vision_steps must be >= 0 and vision_batch_size >= 1")
 
 
 PRESETS: dict[str, SimBaseRecipe] = {"sim-base": SimBaseRecipe()}
@@ -200,7 +222,10 @@ def _pretrain(bundle: Any, data: DemoData, recipe: SimBaseRecipe, seed: int,
 
     policy, config = bundle.policy, bundle.policy.config
     tokens, width = recipe.shape.vlm.image_seq_len, recipe.shape.vlm.text_hidden
-    probe = torch.nn.ModuleList(torch.nn.Linear(tokens * width, SCENE_DIMS) for _ in config.image_features)
+    cameras = len(config.image_features)
+    joint = recipe.scene_probe == "joint"
+    probe = torch.nn.ModuleList([torch.nn.Linear(cameras * tokens * width, SCENE_DIMS)] if joint else
+                                [torch.nn.Linear(tokens * width, SCENE_DIMS) for _ in range(cameras)])
     params = [p for p in policy.parameters() if p.requires_grad] + list(probe.parameters())
     optimizer = config.get_optimizer_preset().build(params)
     scheduler = config.get_scheduler_preset().build(optimizer, recipe.steps)
@@ -218,8 +243,8 @@ def _pretrain(bundle: Any, data: DemoData, recipe: SimBaseRecipe, seed: int,
             captured.clear()
             loss, _ = policy.forward(bundle.preprocessor(data.batch(samples)))
             target = data.scene_targets(samples)
-            scene = sum(F.mse_loss(head(t.flatten(1)), target) for head, t in zip(probe, captured, strict=True))
-            scene = scene / len(captured)
+            views = [torch.cat([t.flatten(1) for t in captured], 1)] if joint else [t.flatten(1) for t in captured]
+            scene = sum(F.mse_loss(head(v), target) for head, v in zip(probe, views, strict=True)) / len(views)
             (loss + recipe.scene_loss_weight * scene).backward()
             torch.nn.utils.clip_grad_norm_(params, config.optimizer_grad_clip_norm)
             optimizer.step()
@@ -243,6 +268,12 @@ def train_base(recipe: SimBaseRecipe, demos: Sequence[Demo], seed: int,
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if recipe.vision_steps:
+            scenes = SceneRenderer(recipe.shape.camera_sizes(), np.concatenate([d.state for d in demos]),
+                                   task_names(recipe), seed)
+            pretrain_vision(bundle.policy, scenes, recipe.vision_steps, recipe.vision_batch_size, recipe.vision_lr,
+                            progress or (lambda: False))
+            freeze_vlm(bundle, {"freeze_vision_encoder": True})
         losses, scene_losses = _pretrain(bundle, DemoData(demos, recipe.shape.chunk_size), recipe, seed,
                                          progress or (lambda: False))
     freeze_vlm(bundle, release_overrides(recipe))

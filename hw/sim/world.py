@@ -95,6 +95,12 @@ class World:
         self._previous_gap = float(self.pose.jaw_gap)
         self._previous_tip = self.pose.tip.copy()
 
+    def place_arm(self, joints: np.ndarray) -> None:
+        """Put the arm at `joints` at once, moving nothing else: a still for rendering, not a motion."""
+        self._set_joints(joints)
+        self._previous_gap = float(self.pose.jaw_gap)
+        self._previous_tip = self.pose.tip.copy()
+
     def _set_joints(self, joints: np.ndarray) -> None:
         q = np.asarray(joints, dtype=float)
         if q.shape != (kinematics.N_JOINTS,):

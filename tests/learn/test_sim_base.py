@@ -118,3 +118,9 @@ def test_a_cached_base_is_current_only_while_the_preset_it_was_built_with_is(bui
     monkeypatch.setitem(sim_base.PRESETS, "sim-base", SMALL)
     assert sim_base.is_current(out)
     assert not sim_base.is_current(out.parent / "nothing-here")
+
+
+@pytest.mark.parametrize("knobs", [{"scene_probe": "front_only"}, {"vision_steps": -1}, {"vision_batch_size": 0}])
+def test_a_recipe_with_an_unknown_probe_or_negative_vision_stage_is_refused(knobs):
+    with pytest.raises(ValueError, match="scene_probe|vision_steps"):
+        sim_base.with_knobs(sim_base.PRESETS["sim-base"], **knobs)
