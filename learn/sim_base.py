@@ -209,11 +209,12 @@ class BuildReport:
 
 def _pretrain(bundle: Any, data: DemoData, recipe: SimBaseRecipe, seed: int,
               progress: Callable[[], bool]) -> tuple[list[float], list[float]]:
-    """(flow-matching losses, scene-probe losses) per step of training every part of the policy.
+    """(flow-matching losses, scene-probe losses) per step of training every trainable part of the policy.
 
     The step is lerobot's SmolVLA step as zk0.learn.trainer runs it (its AdamW and LR presets, gradient
     clipping), plus the scene probe's loss when `recipe.scene_loss_weight` is set; the probe reads the image
-    tokens the VLM's connector hands the text layers, one linear map per camera.
+    tokens the VLM's connector hands the text layers (`recipe.scene_probe`: one map over every camera's tokens,
+    or one per camera).
     """
     import torch
     import torch.nn.functional as F

@@ -59,6 +59,10 @@ def test_world_follows_the_follower_and_cameras_see_it(rig, follower):
         assert before.shape == (120, 160, 3)
         observation = move_and_wait(follower, {"shoulder_pan.pos": 40.0, "shoulder_lift.pos": 30.0})
         assert abs(observation["shoulder_pan.pos"] - 40.0) < 1.0
+        # the world steps on its own clock: it may still be a tick behind the servo that was just read
+        deadline = time.monotonic() + 2.0
+        while abs(rig.snapshot()["joints"][0] - 40.0) >= 1.5 and time.monotonic() < deadline:
+            time.sleep(0.03)
         assert abs(rig.snapshot()["joints"][0] - 40.0) < 1.5
         time.sleep(0.3)  # a few camera periods
         after = camera.read().astype(int)
