@@ -80,6 +80,7 @@ def test_only_the_vision_tower_and_connector_learn_and_a_stop_ends_it():
     assert all(".vision_model." in k or ".connector." in k for k in changed)
     calls = iter([False, True])
     assert len(pretrain_vision(policy, scenes, steps=5, batch_size=2, lr=1e-3, progress=lambda: next(calls))) == 1
+    assert pretrain_vision(policy, scenes, steps=0, batch_size=2, lr=1e-3, progress=lambda: False) == []
 
 
 def test_a_base_with_a_vision_stage_keeps_the_tower_that_stage_trained(monkeypatch):
