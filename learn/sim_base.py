@@ -40,7 +40,6 @@ from zk0.learn.vision_pretrain import SceneRenderer, pretrain_vision
 
 SIM_BASE_SEED_BASE = 3_000_000
 TASK_SEED_STRIDE = 100_000  # scene seeds of task k: SIM_BASE_SEED_BASE + k * stride + i
-SCENE_PROBES = ("joint", "per_camera")
 
 
 def cache_dir(seed: int, env: Mapping[str, str] = os.environ) -> Path:
@@ -106,13 +105,11 @@ class SimBaseRecipe:
     warmup_steps: int = 200
     decay_lr: float = 2.5e-5
     finetune_lr: float = 3e-4  # the peak LR the saved config gives hosts that fine-tune with SmolVLA's schedule
-    # Weight of the vision tower's auxiliary loss: from the cameras' image tokens, a linear probe (discarded
-    # after pretraining) regresses where the cubes and the bin are. Localising objects is what hosts need from a
-    # frozen VLM, and the flow-matching loss alone teaches it slowly. 0 = flow matching only.
+    # Weight of the vision tower's auxiliary loss: from every camera's image tokens together (a wrist camera alone
+    # rarely sees every cube), a linear probe (discarded after pretraining) regresses where the cubes and the bin
+    # are. Localising objects is what hosts need from a frozen VLM, and the flow-matching loss alone teaches it
+    # slowly. 0 = flow matching only.
     scene_loss_weight: float = 1.0
-    # One probe over every camera's tokens together ("joint"), or one per camera each asked for the whole scene
-    # ("per_camera": a wrist camera that does not see a cube is asked where it is anyway).
-    scene_probe: str = "joint"
     # Stage one (zk0.learn.vision_pretrain): the vision tower and connector alone learn where things are on
     # freshly rendered scenes for `vision_steps` steps; the policy then trains with the tower frozen, so it
     # cannot memorise the demonstrations' placements through it. 0 = no stage one, everything trains together.
@@ -123,8 +120,6 @@ class SimBaseRecipe:
     seed_base: int = SIM_BASE_SEED_BASE
 
     def __post_init__(self) -> None:
-        if self.scene_probe not in SCENE_PROBES:
-            raise ValueError(f"scene_probe must be one of {', '.join(SCENE_PROBES)}, not {self.scene_probe!r}")
         if self.vision_steps < 0 or self.vision_batch_size < 1:
             raise ValueError("vision_steps must be >= 0 and vision_batch_size >= 1")
 
@@ -213,8 +208,7 @@ def _pretrain(bundle: Any, data: DemoData, recipe: SimBaseRecipe, seed: int,
 
     The step is lerobot's SmolVLA step as zk0.learn.trainer runs it (its AdamW and LR presets, gradient
     clipping), plus the scene probe's loss when `recipe.scene_loss_weight` is set; the probe reads the image
-    tokens the VLM's connector hands the text layers (`recipe.scene_probe`: one map over every camera's tokens,
-    or one per camera).
+    tokens the VLM's connector hands the text layers, one linear map over every camera's tokens together.
     """
     import torch
     import torch.nn.functional as F
@@ -223,10 +217,7 @@ def _pretrain(bundle: Any, data: DemoData, recipe: SimBaseRecipe, seed: int,
 
     policy, config = bundle.policy, bundle.policy.config
     tokens, width = recipe.shape.vlm.image_seq_len, recipe.shape.vlm.text_hidden
-    cameras = len(config.image_features)
-    joint = recipe.scene_probe == "joint"
-    probe = torch.nn.ModuleList([torch.nn.Linear(cameras * tokens * width, SCENE_DIMS)] if joint else
-                                [torch.nn.Linear(tokens * width, SCENE_DIMS) for _ in range(cameras)])
+    probe = torch.nn.Linear(len(config.image_features) * tokens * width, SCENE_DIMS)
     params = [p for p in policy.parameters() if p.requires_grad] + list(probe.parameters())
     optimizer = config.get_optimizer_preset().build(params)
     scheduler = config.get_scheduler_preset().build(optimizer, recipe.steps)
@@ -244,8 +235,7 @@ def _pretrain(bundle: Any, data: DemoData, recipe: SimBaseRecipe, seed: int,
             captured.clear()
             loss, _ = policy.forward(bundle.preprocessor(data.batch(samples)))
             target = data.scene_targets(samples)
-            views = [torch.cat([t.flatten(1) for t in captured], 1)] if joint else [t.flatten(1) for t in captured]
-            scene = sum(F.mse_loss(head(v), target) for head, v in zip(probe, views, strict=True)) / len(views)
+            scene = F.mse_loss(probe(torch.cat([t.flatten(1) for t in captured], 1)), target)
             (loss + recipe.scene_loss_weight * scene).backward()
             torch.nn.utils.clip_grad_norm_(params, config.optimizer_grad_clip_norm)
             optimizer.step()
@@ -267,16 +257,16 @@ def train_base(recipe: SimBaseRecipe, demos: Sequence[Demo], seed: int,
     meta, stats = demo_meta(demos, recipe.shape.camera_sizes())
     bundle = new_policy(recipe.shape, meta, seed, pretrain_overrides(recipe))
     started = time.perf_counter()
+    progress = progress or (lambda: False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if recipe.vision_steps:
             scenes = SceneRenderer(recipe.shape.camera_sizes(), np.concatenate([d.state for d in demos]),
                                    task_names(recipe), seed)
             pretrain_vision(bundle.policy, scenes, recipe.vision_steps, recipe.vision_batch_size, recipe.vision_lr,
-                            progress or (lambda: False))
+                            progress)
             freeze_vlm(bundle, {"freeze_vision_encoder": True})
-        losses, scene_losses = _pretrain(bundle, DemoData(demos, recipe.shape.chunk_size), recipe, seed,
-                                         progress or (lambda: False))
+        losses, scene_losses = _pretrain(bundle, DemoData(demos, recipe.shape.chunk_size), recipe, seed, progress)
     freeze_vlm(bundle, release_overrides(recipe))
     bundle.policy.eval()
     return bundle, stats, losses, scene_losses, time.perf_counter() - started

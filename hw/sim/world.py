@@ -90,10 +90,7 @@ class World:
         self._held_offset = np.zeros(3)  # cube centre in the gripper frame, relative to the grasp centre
         self.table_contacts = 0  # steps the arm spent pressing into the table
         self.pressing_table = False  # the last step's command pushed into the table
-        joints = getattr(self, "joints", np.zeros(kinematics.N_JOINTS))
-        self._set_joints(joints)
-        self._previous_gap = float(self.pose.jaw_gap)
-        self._previous_tip = self.pose.tip.copy()
+        self.place_arm(getattr(self, "joints", np.zeros(kinematics.N_JOINTS)))
 
     def place_arm(self, joints: np.ndarray) -> None:
         """Put the arm at `joints` at once, moving nothing else: a still for rendering, not a motion."""

@@ -120,7 +120,7 @@ def test_a_cached_base_is_current_only_while_the_preset_it_was_built_with_is(bui
     assert not sim_base.is_current(out.parent / "nothing-here")
 
 
-@pytest.mark.parametrize("knobs", [{"scene_probe": "front_only"}, {"vision_steps": -1}, {"vision_batch_size": 0}])
-def test_a_recipe_with_an_unknown_probe_or_negative_vision_stage_is_refused(knobs):
-    with pytest.raises(ValueError, match="scene_probe|vision_steps"):
+@pytest.mark.parametrize("knobs", [{"vision_steps": -1}, {"vision_batch_size": 0}])
+def test_a_recipe_with_a_negative_vision_stage_is_refused(knobs):
+    with pytest.raises(ValueError, match="vision_steps must be >= 0 and vision_batch_size >= 1"):
         sim_base.with_knobs(sim_base.PRESETS["sim-base"], **knobs)
